@@ -1,0 +1,293 @@
+"""Actors: a mailbox and one coroutine that takes one message at a time.
+
+An :class:`Actor` binds to ``IOLoop.current()`` when :meth:`Actor.start` is
+called and from then on belongs to that loop: its state is touched only by its
+own coroutine, so a restart and a shutdown can never interleave; they run in
+the order they arrived.
+
+* ``tell(msg)`` is fire-and-forget; ``ask(msg)`` returns an awaitable for the
+  reply (or the exception the handler raised). Both must be called on the
+  actor's loop.
+* :meth:`Actor.tell_threadsafe` / :meth:`Actor.ask_threadsafe` are the one
+  documented thread-safe door: they cross threads through
+  ``IOLoop.add_callback`` only.
+* Stopping runs ``on_stop`` and then answers every message still in the
+  mailbox with :class:`~supervisor.errors.KernelClosedError`, so no caller
+  hangs; asks made after the stop fail the same way at once.
+
+The module also owns the process-wide *background loop*: one daemon thread
+running a Tornado IOLoop, on which the blocking faces (``KernelManager``,
+``BlockingKernelClient``) run their actors. :func:`run_blocking` submits a
+coroutine there and waits on a concurrent future; it is the only bridge the
+blocking API uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import os
+import threading
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+from tornado.ioloop import IOLoop
+from tornado.queues import Queue
+
+from supervisor.errors import KernelClosedError, KernelStateError
+
+__all__ = ["Actor", "Stop", "background_loop", "run_blocking"]
+
+T = TypeVar("T")
+
+log = structlog.get_logger("supervisor.actor")
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Ask an actor to stop after the messages already queued before it."""
+
+    reason: str = "stop requested"
+
+
+class _Envelope:
+    __slots__ = ("future", "msg")
+
+    def __init__(self, msg: object, future: asyncio.Future[Any] | None) -> None:
+        self.msg = msg
+        self.future = future
+
+
+class Actor:
+    """Base class: override :meth:`receive`, and optionally the hooks.
+
+    Hooks run on the actor's coroutine: ``on_start`` before the first message,
+    ``on_stop`` when a :class:`Stop` is taken (or :meth:`stop` is called),
+    ``on_failure`` when a *told* message's handler raised (an asked message's
+    exception goes to the asker instead).
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name or f"{type(self).__name__}-{next(_ids)}"
+        self._loop: IOLoop | None = None
+        self._mailbox: Queue[_Envelope] = Queue()
+        self._runner: asyncio.Task[None] | None = None
+        self._done = asyncio.Event()
+        self._state = "new"  # new -> running -> stopping -> stopped
+        self._stop_reason = ""
+
+    # -- lifecycle ---------------------------------------------------------
+    @property
+    def loop(self) -> IOLoop:
+        """The IOLoop this actor is bound to (set by :meth:`start`)."""
+        if self._loop is None:
+            raise KernelStateError(f"{self.name} has not been started")
+        return self._loop
+
+    @property
+    def actor_state(self) -> str:
+        """One of ``new``, ``running``, ``stopping``, ``stopped``."""
+        return self._state
+
+    @property
+    def alive(self) -> bool:
+        """True while the actor accepts messages."""
+        return self._state == "running"
+
+    def start(self) -> None:
+        """Bind to the current IOLoop and start taking messages."""
+        if self._state != "new":
+            raise KernelStateError(f"{self.name} was already started")
+        self._loop = IOLoop.current()
+        self._state = "running"
+        self._runner = asyncio.ensure_future(self._run())
+
+    def stop(self, reason: str = "stop requested") -> None:
+        """Queue a :class:`Stop`: messages already queued are handled first."""
+        if self._state == "running":
+            self.tell(Stop(reason))
+
+    async def join(self) -> None:
+        """Wait until the actor has stopped."""
+        if self._state == "new":
+            return
+        await self._done.wait()
+
+    async def on_start(self) -> None:
+        """Run once before the first message."""
+
+    async def on_stop(self) -> None:
+        """Run once when the actor stops, before the mailbox is drained."""
+
+    async def on_failure(self, exc: BaseException, msg: object) -> None:
+        """A told message's handler raised ``exc``; the default logs it."""
+        log.error("actor.message_failed", actor=self.name, msg=type(msg).__name__, exc_info=exc)
+
+    async def receive(self, msg: object) -> Any:
+        """Handle one message; the return value answers an ``ask``."""
+        raise NotImplementedError
+
+    def on_tell(self, msg: object) -> None:
+        """Called synchronously when a message is queued (on the loop).
+
+        Subclasses use it to let an urgent message (a shutdown) cut short a
+        long handler that is running now; it must not block or raise.
+        """
+
+    # -- messaging ---------------------------------------------------------
+    def tell(self, msg: object) -> None:
+        """Queue ``msg`` without waiting for an answer (loop thread only)."""
+        if self._state in ("running",):
+            self._mailbox.put_nowait(_Envelope(msg, None))
+            self.on_tell(msg)
+        else:
+            log.debug("actor.dropped", actor=self.name, msg=type(msg).__name__, state=self._state)
+
+    def ask(self, msg: object) -> asyncio.Future[Any]:
+        """Queue ``msg`` and return a future for the handler's answer."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self._state != "running":
+            future.set_exception(self._dead_error(msg))
+            return future
+        self._mailbox.put_nowait(_Envelope(msg, future))
+        self.on_tell(msg)
+        return future
+
+    def tell_threadsafe(self, msg: object) -> None:
+        """Queue ``msg`` from any thread (through ``IOLoop.add_callback``)."""
+        self.loop.add_callback(self.tell, msg)
+
+    def ask_threadsafe(self, msg: object) -> concurrent.futures.Future[Any]:
+        """Ask from any thread; returns a :class:`concurrent.futures.Future`."""
+        result: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def _on_loop() -> None:
+            inner = self.ask(msg)
+
+            def _copy(done: asyncio.Future[Any]) -> None:
+                if result.done():  # cancelled by the waiter
+                    return
+                if done.cancelled():
+                    result.cancel()
+                elif (exc := done.exception()) is not None:
+                    result.set_exception(exc)
+                else:
+                    result.set_result(done.result())
+
+            inner.add_done_callback(_copy)
+
+        self.loop.add_callback(_on_loop)
+        return result
+
+    # -- internals ---------------------------------------------------------
+    def _dead_error(self, msg: object) -> KernelClosedError:
+        reason = self._stop_reason or "it is not running"
+        return KernelClosedError(f"{self.name} cannot take {type(msg).__name__}: {reason}")
+
+    async def _run(self) -> None:
+        try:
+            await self.on_start()
+        except BaseException as exc:
+            log.error("actor.start_failed", actor=self.name, exc_info=exc)
+            await self._finish("on_start failed")
+            return
+        while True:
+            envelope = await self._mailbox.get()
+            msg = envelope.msg
+            if isinstance(msg, Stop):
+                if envelope.future is not None and not envelope.future.done():
+                    envelope.future.set_result(None)
+                await self._finish(msg.reason)
+                return
+            try:
+                reply = await self.receive(msg)
+            except asyncio.CancelledError:
+                if envelope.future is not None and not envelope.future.done():
+                    envelope.future.cancel()
+                await self._finish("cancelled")
+                raise
+            except BaseException as exc:
+                if envelope.future is None:
+                    await self.on_failure(exc, msg)
+                elif not envelope.future.done():
+                    envelope.future.set_exception(exc)
+            else:
+                if envelope.future is not None and not envelope.future.done():
+                    envelope.future.set_result(reply)
+
+    async def _finish(self, reason: str) -> None:
+        self._state = "stopping"
+        self._stop_reason = reason
+        try:
+            await self.on_stop()
+        except Exception as exc:
+            log.error("actor.stop_failed", actor=self.name, exc_info=exc)
+        finally:
+            self._state = "stopped"
+            while not self._mailbox.empty():
+                envelope = self._mailbox.get_nowait()
+                if envelope.future is not None and not envelope.future.done():
+                    envelope.future.set_exception(self._dead_error(envelope.msg))
+            self._done.set()
+
+
+# -- the background loop ------------------------------------------------------
+_bg_lock = threading.Lock()
+_bg: tuple[IOLoop, threading.Thread, int] | None = None
+
+
+def background_loop() -> IOLoop:
+    """The process-wide IOLoop on a daemon thread, started on first use.
+
+    A forked child gets a fresh one (the parent's thread does not survive a
+    fork).
+    """
+    global _bg
+    with _bg_lock:
+        if _bg is not None and _bg[2] == os.getpid() and _bg[1].is_alive():
+            return _bg[0]
+        ready = threading.Event()
+        box: list[IOLoop] = []
+
+        def _main() -> None:
+            asyncio.set_event_loop(asyncio.new_event_loop())
+            loop = IOLoop.current()
+            box.append(loop)
+            loop.add_callback(ready.set)
+            loop.start()
+
+        thread = threading.Thread(target=_main, name="kernel-supervisor-loop", daemon=True)
+        thread.start()
+        ready.wait()
+        _bg = (box[0], thread, os.getpid())
+        return box[0]
+
+
+def in_background_thread() -> bool:
+    """True when called on the background loop's own thread."""
+    return _bg is not None and _bg[1] is threading.current_thread()
+
+
+def run_blocking(factory: Callable[[], Coroutine[Any, Any, T]], timeout: float | None = None) -> T:
+    """Run ``factory()`` on the background loop and wait for its result.
+
+    Raises :class:`KernelStateError` when called from the background loop's
+    own thread (it would wait on itself forever); a ``timeout`` that expires
+    cancels the coroutine and raises :class:`TimeoutError`.
+    """
+    loop = background_loop()
+    if in_background_thread():
+        raise KernelStateError(
+            "a blocking kernel-supervisor call was made on its own background loop; "
+            "use the async API there"
+        )
+    future = asyncio.run_coroutine_threadsafe(factory(), loop.asyncio_loop)  # type: ignore[attr-defined]
+    try:
+        return future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise TimeoutError(f"no result within {timeout} s") from None
