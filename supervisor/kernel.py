@@ -1,0 +1,677 @@
+"""KernelActor: the one owner of one kernel process.
+
+A :class:`KernelActor` lives on the IOLoop where it was started and takes its
+messages one at a time, so conflicting requests have one defined outcome each:
+
+==========================  ===================================================
+Arrives while ...           Outcome
+==========================  ===================================================
+Interrupt during a start    waits; applied once the kernel is ready, or fails
+                            with :class:`KernelStateError` if the start failed
+Shutdown during a start     cuts the start short: the start fails with
+                            :class:`KernelStartupError` ("cancelled"), then the
+                            shutdown runs (nothing left to stop)
+Restart during a shutdown   runs after it: the kernel starts again
+Shutdown during a restart   cuts the restart's start short, then shuts down
+Anything after ``stop()``   fails with :class:`KernelClosedError`
+Process exits on its own    ``state`` becomes ``exited``; the parent is told
+                            with :class:`ChildExited`; the actor never restarts
+                            itself (that is the supervisor's decision)
+==========================  ===================================================
+
+Readiness is a ``kernel_info_reply`` on shell plus proof that our IOPub
+subscription is live (``iopub_welcome`` from protocol 5.4 kernels, or any
+IOPub message for older ones, re-asking ``kernel_info`` only while none has
+arrived). Shutdown is ``shutdown_request`` on control, then SIGTERM, then
+SIGKILL of the group, each after its own wait; it returns the moment the
+process is reaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal as _signal
+import time
+import uuid
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+import zmq
+import zmq.asyncio
+
+from supervisor.actor import Actor
+from supervisor.client import connect_channel
+from supervisor.connection import (
+    ConnectionInfo,
+    connection_file_path,
+    new_connection_info,
+    remove_connection_files,
+    write_connection_file,
+)
+from supervisor.errors import (
+    ConfigurationError,
+    KernelStartupError,
+    KernelStateError,
+    WireError,
+)
+from supervisor.kernelspec import KernelSpec, expand_env, format_kernel_cmd, get_kernel_spec
+from supervisor.process import ExitStatus, KernelProcess
+from supervisor.wire import Message, Session
+
+__all__ = [
+    "ChildExited",
+    "Interrupt",
+    "KernelActor",
+    "LaunchOptions",
+    "FinishShutdown",
+    "ProcessExited",
+    "RequestShutdown",
+    "Restart",
+    "Shutdown",
+    "Signal",
+    "Start",
+]
+
+log = structlog.get_logger("supervisor.kernel")
+
+_PORT_CLASH = "Address already in use"
+_ENCRYPTION_MODES = ("disabled", "auto", "required")
+
+
+# -- messages -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Start:
+    """Launch the kernel and wait until it is ready."""
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Shut down (keeping the connection file) and start again."""
+
+    now: bool = False
+    newports: bool = False
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Interrupt:
+    """Interrupt the running code (signal or message, per the kernelspec)."""
+
+
+@dataclass(frozen=True)
+class Signal:
+    """Send a signal to the kernel's process group."""
+
+    signum: int
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Stop the kernel: graceful unless ``now``; keep files when ``restart``."""
+
+    now: bool = False
+    restart: bool = False
+
+
+@dataclass(frozen=True)
+class RequestShutdown:
+    """Send ``shutdown_request`` only; :class:`FinishShutdown` waits and cleans up."""
+
+    restart: bool = False
+
+
+@dataclass(frozen=True)
+class FinishShutdown:
+    """Wait up to ``waittime`` for the exit, then SIGTERM/SIGKILL; clean up."""
+
+    waittime: float | None = None
+
+
+@dataclass(frozen=True)
+class ProcessExited:
+    """Internal: the process watch saw ``process`` exit."""
+
+    process: KernelProcess
+    status: ExitStatus
+
+
+@dataclass(frozen=True)
+class ChildExited:
+    """Told to the parent when the kernel exits without being asked to."""
+
+    kernel_id: str
+    status: ExitStatus
+    uptime: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """How to launch a kernel. Validated here; ``replace`` takes overrides."""
+
+    kernel_name: str = "python3"
+    spec: KernelSpec | None = None
+    kernel_cmd: tuple[str, ...] = ()
+    extra_arguments: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    startup_timeout: float = 60.0
+    shutdown_wait: float = 5.0
+    terminate_wait: float = 2.0
+    ip: str = "127.0.0.1"
+    transport: str = "tcp"
+    transport_encryption: str = "disabled"
+    port_retries: int = 3
+    forward_stderr: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("startup_timeout", "shutdown_wait", "terminate_wait"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigurationError(f"{name} must be a non-negative number, not {value!r}")
+        if self.transport_encryption not in _ENCRYPTION_MODES:
+            raise ConfigurationError(
+                f"transport_encryption must be one of {_ENCRYPTION_MODES}, "
+                f"not {self.transport_encryption!r}"
+            )
+        if self.transport not in ("tcp", "ipc"):
+            raise ConfigurationError(f"transport must be 'tcp' or 'ipc', not {self.transport!r}")
+        raw: tuple[object, object] = (self.extra_arguments, self.kernel_cmd)
+        if any(isinstance(value, str) for value in raw):
+            raise ConfigurationError("extra_arguments and kernel_cmd are sequences of strings")
+        object.__setattr__(self, "extra_arguments", tuple(self.extra_arguments))
+        object.__setattr__(self, "kernel_cmd", tuple(self.kernel_cmd))
+        object.__setattr__(self, "env", dict(self.env))
+        if self.cwd is not None:
+            object.__setattr__(self, "cwd", os.fspath(self.cwd))
+
+    def replace(self, **overrides: Any) -> LaunchOptions:
+        """A copy with ``overrides`` applied; an unknown name is a ConfigurationError."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown launch option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+    def resolve_spec(self) -> KernelSpec:
+        """The kernelspec to launch (looked up by name unless given)."""
+        return self.spec if self.spec is not None else get_kernel_spec(self.kernel_name)
+
+
+class _StartCancelled(Exception):
+    pass
+
+
+class _PortClash(Exception):
+    pass
+
+
+# -- the actor ------------------------------------------------------------------
+class KernelActor(Actor):
+    """Owns one kernel process, its connection file and its control sockets.
+
+    Read-only state for the owner (same loop): :attr:`state`, :attr:`pid`,
+    :attr:`connection_info`, :attr:`connection_file`, :attr:`kernel_info`,
+    :attr:`execution_state`, :attr:`last_activity`, :attr:`dropped`.
+    """
+
+    def __init__(
+        self,
+        options: LaunchOptions | None = None,
+        *,
+        kernel_id: str | None = None,
+        parent: Actor | None = None,
+        connection_info: ConnectionInfo | None = None,
+        connection_file: str | os.PathLike[str] | None = None,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        self.kernel_id = kernel_id or str(uuid.uuid4())
+        super().__init__(name=f"kernel-{self.kernel_id[:8]}")
+        self.options = options or LaunchOptions()
+        self.parent = parent
+        self.state = "new"  # new starting running restarting stopping exited shutdown
+        self.connection_info: ConnectionInfo | None = connection_info
+        self._fixed_file = connection_file is not None
+        self.connection_file: Path = (
+            Path(connection_file) if connection_file is not None
+            else connection_file_path(self.kernel_id)
+        )
+        self.kernel_info: dict[str, Any] = {}
+        self.execution_state = "starting"
+        self.last_activity = time.monotonic()
+        self.started_at: float | None = None
+        self.dropped = 0
+        self._restart_requested = False
+        self._ctx = context or zmq.asyncio.Context.instance()
+        self._proc: KernelProcess | None = None
+        self._session: Session | None = None
+        self._control: zmq.asyncio.Socket | None = None
+        self._iopub: zmq.asyncio.Socket | None = None
+        self._iopub_task: asyncio.Task[None] | None = None
+        self._iopub_seen = asyncio.Event()
+        self._abort = asyncio.Event()
+        self._pending_shutdowns = 0
+        self._spec: KernelSpec | None = None
+        self._log = log.bind(kernel_id=self.kernel_id, kernel_name=self.options.kernel_name)
+
+    # -- read-only views ---------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        """The kernel's pid while a process exists."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def process(self) -> KernelProcess | None:
+        """The current kernel process, if any."""
+        return self._proc
+
+    @property
+    def spec(self) -> KernelSpec | None:
+        """The kernelspec of the last launch."""
+        return self._spec
+
+    def is_alive(self) -> bool:
+        """True while the kernel process runs."""
+        return self._proc is not None and self._proc.running
+
+    # -- actor hooks -------------------------------------------------------------
+    def on_tell(self, msg: object) -> None:
+        # A queued Shutdown cancels any start before it that is not ready yet,
+        # whatever the timing: the start fails "cancelled", then the shutdown runs.
+        if isinstance(msg, Shutdown):
+            self._pending_shutdowns += 1
+            self._abort.set()
+
+    async def on_stop(self) -> None:
+        """Whatever the reason, nothing outlives the actor."""
+        if self._proc is not None and self._proc.running:
+            await self._shutdown(now=True, restart=False)
+        else:
+            self._teardown(keep_file=False)
+        if self.state != "exited":
+            self.state = "shutdown"
+
+    async def receive(self, msg: object) -> Any:
+        if isinstance(msg, Start):
+            return await self._start()
+        if isinstance(msg, Restart):
+            return await self._restart(msg)
+        if isinstance(msg, Shutdown):
+            self._pending_shutdowns -= 1
+            if not self._pending_shutdowns:
+                self._abort.clear()
+            return await self._shutdown(now=msg.now, restart=msg.restart)
+        if isinstance(msg, RequestShutdown):
+            return await self._request_shutdown(msg.restart)
+        if isinstance(msg, FinishShutdown):
+            return await self._finish_shutdown(msg.waittime)
+        if isinstance(msg, Interrupt):
+            return await self._interrupt()
+        if isinstance(msg, Signal):
+            return self._signal(msg.signum)
+        if isinstance(msg, ProcessExited):
+            return self._process_exited(msg)
+        raise KernelStateError(f"{self.name} does not understand {type(msg).__name__}")
+
+    # -- start -------------------------------------------------------------------
+    def _connection(self, fresh: bool, spec: KernelSpec) -> ConnectionInfo:
+        opts = self.options
+        if self.connection_info is not None and not fresh:
+            return self.connection_info
+        curve = self._want_curve(spec)
+        key = self.connection_info.key if self.connection_info is not None else None
+        return new_connection_info(
+            ip=opts.ip,
+            transport=opts.transport,
+            key=key,
+            kernel_name=spec.name,
+            curve=curve,
+        )
+
+    def _want_curve(self, spec: KernelSpec) -> bool:
+        mode = self.options.transport_encryption
+        if mode == "disabled":
+            return False
+        supported = "curve" in (spec.metadata.get("supported_encryption") or ())
+        available = bool(zmq.has("curve"))
+        if mode == "required" and not (supported and available):
+            why = "libzmq lacks CURVE" if not available else (
+                f"kernelspec {spec.name!r} does not list 'curve' in metadata.supported_encryption"
+            )
+            raise ConfigurationError(f"transport_encryption='required' but {why}")
+        return supported and available
+
+    async def _start(self) -> dict[str, Any]:
+        if self.state in ("starting", "running"):
+            raise KernelStateError(f"kernel {self.kernel_id} is already {self.state}")
+        if self._abort.is_set():
+            raise KernelStartupError(
+                f"start of kernel {self.kernel_id} cancelled: a shutdown was requested")
+        self.state = "starting"
+        try:
+            spec = self.options.resolve_spec()
+            self._spec = spec
+            fresh = self.connection_info is None
+            for attempt in range(self.options.port_retries + 1):
+                info = self._connection(fresh, spec)
+                try:
+                    return await self._launch_once(spec, info)
+                except _PortClash:
+                    self._log.warning("kernel.port_clash", attempt=attempt + 1)
+                    fresh = True
+            raise KernelStartupError(
+                f"kernel {self.kernel_id} could not bind its ports after "
+                f"{self.options.port_retries + 1} attempts"
+            )
+        except BaseException:
+            self.state = "exited"
+            raise
+
+    async def _launch_once(self, spec: KernelSpec, info: ConnectionInfo) -> dict[str, Any]:
+        opts = self.options
+        self.connection_info = info
+        write_connection_file(info, self.connection_file)
+        self._session = Session(info.key, info.signature_scheme)
+        argv = list(opts.kernel_cmd) if opts.kernel_cmd else None
+        if argv is None:
+            argv = format_kernel_cmd(spec, str(self.connection_file), extra_arguments=opts.extra_arguments)
+        else:
+            argv = [a.replace("{connection_file}", str(self.connection_file)) for a in argv]
+            argv += list(opts.extra_arguments)
+        env = dict(os.environ)
+        env.update(expand_env(spec.env, env))
+        env.update(opts.env)
+        # ipykernel (and others) watch this pid and leave if it goes; a second
+        # guard beside the reaper, and it quiets ipykernel's stand-alone banner.
+        env["JPY_PARENT_PID"] = str(os.getpid())
+        t0 = time.monotonic()
+        launched: list[KernelProcess] = []  # the exit callback fires on a later loop turn
+        try:
+            proc = KernelProcess.launch(
+                argv, env=env, cwd=opts.cwd, forward_stderr=opts.forward_stderr,
+                on_exit=lambda status: self.tell(ProcessExited(launched[0], status)),
+            )
+        except KernelStartupError:
+            self._teardown(keep_file=False)
+            raise
+        launched.append(proc)
+        self._proc = proc
+        self._log = self._log.bind(pid=proc.pid)
+        self._log.debug("kernel.launched", argv=argv)
+        try:
+            await self._wait_ready(proc, info, opts.startup_timeout)
+        except _PortClash:
+            await self._kill_and_reap(proc)
+            self._teardown(keep_file=True)
+            raise
+        except BaseException:
+            await self._kill_and_reap(proc)
+            self._teardown(keep_file=False)
+            raise
+        self.state = "running"
+        self.started_at = time.monotonic()
+        self._log.info("kernel.ready", seconds=round(self.started_at - t0, 4))
+        return self.kernel_info
+
+    async def _wait_ready(self, proc: KernelProcess, info: ConnectionInfo, timeout: float) -> None:
+        """Race readiness against the process exiting, a cancel, and the timeout."""
+        self._open_sockets(info)
+        shell = connect_channel(self._ctx, info, "shell")
+        try:
+            ready: asyncio.Future[Any] = asyncio.ensure_future(self._handshake(shell))
+            exited: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(proc.exited))
+            abort: asyncio.Future[Any] = asyncio.ensure_future(self._abort.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    {ready, exited, abort}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                for fut in (ready, exited, abort):
+                    if not fut.done():
+                        fut.cancel()
+                await asyncio.gather(ready, exited, abort, return_exceptions=True)
+            if ready in done and ready.exception() is None:
+                return
+            if exited in done or not proc.running:
+                status = proc.exited.result()
+                tail = proc.stderr_tail()
+                if _PORT_CLASH in tail:
+                    raise _PortClash()
+                raise KernelStartupError(
+                    f"kernel {self.kernel_id} died while starting ({status.describe()})",
+                    exit_code=status.exit_code, signal=status.signal, stderr_tail=tail,
+                )
+            if abort in done:
+                raise KernelStartupError(
+                    f"start of kernel {self.kernel_id} cancelled: a shutdown was requested"
+                )
+            if ready in done:  # the handshake itself failed
+                exc = ready.exception()
+                assert exc is not None
+                raise exc
+            raise KernelStartupError(
+                f"kernel {self.kernel_id} was not ready within {timeout} s",
+                stderr_tail=proc.stderr_tail(), timed_out=True,
+            )
+        finally:
+            shell.close(linger=0)
+
+    async def _handshake(self, shell: zmq.asyncio.Socket) -> None:
+        session = self._session
+        assert session is not None
+        request = session.msg("kernel_info_request", {})
+        await session.send_async(shell, request)
+        while True:
+            reply = await self._recv_verified(shell, session)
+            if reply.msg_type == "kernel_info_reply" and reply.parent_id == request.msg_id:
+                self.kernel_info = dict(reply.content)
+                break
+        # IOPub proof: 5.4 kernels greet every subscriber; older ones only show
+        # status messages, which each kernel_info_request provokes.
+        while not self._iopub_seen.is_set():
+            try:
+                await asyncio.wait_for(self._iopub_seen.wait(), 0.1)
+            except asyncio.TimeoutError:
+                request = session.msg("kernel_info_request", {})
+                await session.send_async(shell, request)
+
+    async def _recv_verified(self, sock: zmq.asyncio.Socket, session: Session) -> Message:
+        while True:
+            frames = await sock.recv_multipart(copy=True)
+            try:
+                return session.deserialize(frames)
+            except WireError as exc:
+                self.dropped += 1
+                self._log.warning("kernel.dropped_message", reason=str(exc))
+
+    def _open_sockets(self, info: ConnectionInfo) -> None:
+        self._close_sockets()
+        self._iopub_seen.clear()
+        self._control = connect_channel(self._ctx, info, "control")
+        self._iopub = connect_channel(self._ctx, info, "iopub")
+        self._iopub_task = asyncio.ensure_future(self._watch_iopub(self._iopub))
+
+    async def _watch_iopub(self, sock: zmq.asyncio.Socket) -> None:
+        """Track readiness proof, execution_state and last_activity."""
+        session = self._session
+        assert session is not None
+        with contextlib.suppress(asyncio.CancelledError, zmq.ZMQError):
+            while True:
+                msg = await self._recv_verified(sock, session)
+                self.last_activity = time.monotonic()
+                self._iopub_seen.set()
+                if msg.msg_type == "status":
+                    state = msg.content.get("execution_state")
+                    if isinstance(state, str):
+                        self.execution_state = state
+
+    def _close_sockets(self) -> None:
+        if self._iopub_task is not None:
+            self._iopub_task.cancel()
+            self._iopub_task = None
+        for sock in (self._control, self._iopub):
+            if sock is not None:
+                sock.close(linger=0)
+        self._control = self._iopub = None
+
+    # -- shutdown ----------------------------------------------------------------
+    async def _shutdown(self, *, now: bool, restart: bool) -> None:
+        proc = self._proc
+        if proc is None or not proc.running:
+            if proc is not None:
+                proc.release_group()
+            self._teardown(keep_file=restart)
+            if not restart:
+                self.state = "shutdown"
+            return
+        self.state = "restarting" if restart else "stopping"
+        t0 = time.monotonic()
+        how = "killed"
+        if not now:
+            how = await self._graceful(proc, restart)
+        else:
+            proc.kill()
+        status = await proc.wait()
+        proc.release_group()
+        self._teardown(keep_file=restart)
+        self.execution_state = "dead"
+        if not restart:
+            self.state = "shutdown"
+        self._log.info(
+            "kernel.shutdown", how=how, status=status.describe() if status else None,
+            seconds=round(time.monotonic() - t0, 4), restart=restart,
+        )
+
+    async def _graceful(self, proc: KernelProcess, restart: bool) -> str:
+        opts = self.options
+        if self._control is not None and self._session is not None:
+            request = self._session.msg("shutdown_request", {"restart": restart})
+            with contextlib.suppress(zmq.ZMQError):
+                await self._session.send_async(self._control, request)
+            if await proc.wait(opts.shutdown_wait) is not None:
+                return "shutdown_request"
+        proc.signal_group(_signal.SIGTERM)
+        if await proc.wait(opts.terminate_wait) is not None:
+            return "SIGTERM"
+        proc.kill()
+        return "SIGKILL"
+
+    async def _request_shutdown(self, restart: bool) -> None:
+        self._running_process("request shutdown of")
+        self.state = "stopping"
+        self._restart_requested = restart
+        if self._control is not None and self._session is not None:
+            request = self._session.msg("shutdown_request", {"restart": restart})
+            await self._session.send_async(self._control, request)
+
+    async def _finish_shutdown(self, waittime: float | None) -> None:
+        proc = self._proc
+        restart = self._restart_requested
+        if proc is not None and proc.running:
+            wait = self.options.shutdown_wait if waittime is None else waittime
+            if await proc.wait(wait) is None:
+                proc.signal_group(_signal.SIGTERM)
+                if await proc.wait(self.options.terminate_wait) is None:
+                    proc.kill()
+            await proc.wait()
+        if proc is not None:
+            proc.release_group()
+        self._teardown(keep_file=restart)
+        self.execution_state = "dead"
+        self.state = "restarting" if restart else "shutdown"
+
+    async def _kill_and_reap(self, proc: KernelProcess) -> None:
+        proc.kill()
+        await proc.wait()
+        proc.release_group()
+
+    def _teardown(self, *, keep_file: bool) -> None:
+        self._close_sockets()
+        if self._proc is not None:
+            self._proc.close()
+        if not keep_file:
+            remove_connection_files(self.connection_file, self.connection_info)
+
+    # -- restart -----------------------------------------------------------------
+    async def _restart(self, msg: Restart) -> dict[str, Any]:
+        if msg.overrides:
+            self.options = self.options.replace(**dict(msg.overrides))
+        await self._shutdown(now=msg.now, restart=True)
+        if msg.newports:
+            self.connection_info = None
+        self.state = "restarting"
+        return await self._start()
+
+    # -- interrupt and signals -----------------------------------------------------
+    def _running_process(self, what: str) -> KernelProcess:
+        proc = self._proc
+        if proc is None or not proc.running or self.state not in ("running",):
+            raise KernelStateError(f"cannot {what} kernel {self.kernel_id}: it is {self.state}")
+        return proc
+
+    async def _interrupt(self) -> None:
+        proc = self._running_process("interrupt")
+        spec = self._spec
+        mode = spec.interrupt_mode if spec is not None else "signal"
+        if mode == "signal":
+            proc.signal_group(_signal.SIGINT)
+            self._log.info("kernel.interrupted", mode=mode)
+            return
+        session, control = self._session, self._control
+        assert session is not None and control is not None
+        request = session.msg("interrupt_request", {})
+        await session.send_async(control, request)
+        reply = await self._race_exit(proc, self._await_reply(control, session, request), 5.0)
+        self._log.info("kernel.interrupted", mode=mode, replied=reply is not None)
+
+    async def _await_reply(
+        self, sock: zmq.asyncio.Socket, session: Session, request: Message
+    ) -> Message:
+        while True:
+            msg = await self._recv_verified(sock, session)
+            if msg.parent_id == request.msg_id:
+                return msg
+
+    async def _race_exit(
+        self, proc: KernelProcess, work: Awaitable[Message], timeout: float
+    ) -> Message | None:
+        task: asyncio.Future[Any] = asyncio.ensure_future(work)
+        exited: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(proc.exited))
+        try:
+            await asyncio.wait({task, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in (task, exited):
+                if not fut.done():
+                    fut.cancel()
+            await asyncio.gather(task, exited, return_exceptions=True)
+        if task.done() and not task.cancelled() and task.exception() is None:
+            result: Message = task.result()
+            return result
+        return None
+
+    def _signal(self, signum: int) -> None:
+        proc = self._running_process("signal")
+        proc.signal_group(signum)
+        self._log.info("kernel.signalled", signum=signum)
+
+    # -- exits -------------------------------------------------------------------
+    def _process_exited(self, msg: ProcessExited) -> None:
+        if msg.process is not self._proc or self.state != "running":
+            return  # a shutdown or a start already dealt with it
+        uptime = time.monotonic() - (self.started_at or time.monotonic())
+        self.state = "exited"
+        self.execution_state = "dead"
+        msg.process.release_group()
+        self._close_sockets()
+        msg.process.close()
+        self._log.warning("kernel.exited", status=msg.status.describe(), uptime=round(uptime, 3))
+        if self.parent is not None:
+            self.parent.tell(ChildExited(self.kernel_id, msg.status, uptime))
