@@ -276,7 +276,11 @@ class Supervisor(Actor):
         conn_info = launch_kw.pop("connection_info", None)
         options = self.launch.replace(**launch_kw)
         if kernel_name is not None:
-            options = options.replace(kernel_name=kernel_name, spec=None)
+            # A spec given explicitly wins; otherwise the name is looked up afresh.
+            changes: dict[str, Any] = {"kernel_name": kernel_name}
+            if launch_kw.get("spec") is None:
+                changes["spec"] = None
+            options = options.replace(**changes)
         msg = _StartChild(kernel_id or str(uuid.uuid4()), options, policy or self.policy,
                           connection_info=conn_info,
                           connection_file=None if conn_file is None else str(conn_file))

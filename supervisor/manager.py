@@ -1,0 +1,398 @@
+"""The seed's KernelManager API, async and blocking, over one Supervisor.
+
+:class:`AsyncKernelManager` manages one kernel through a private
+:class:`~supervisor.supervisor.Supervisor` (or a shared one you pass), so a
+single-kernel manager and a pool use the same actors, the same restart
+policies and the same events. It binds to the loop on which
+:meth:`AsyncKernelManager.start_kernel` is first awaited; call it from there.
+
+:class:`KernelManager` is the blocking face: it owns an AsyncKernelManager that
+lives on the process-wide background loop (:func:`supervisor.actor.background_loop`)
+and each of its methods is the async one run there through
+:func:`supervisor.actor.run_blocking`, the only thread crossing it does. Its
+restart callbacks run on worker threads.
+
+``autorestart=True`` (the default) applies
+:meth:`RestartPolicy.jupyter_client_compatible`; pass ``policy=`` for another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from supervisor.actor import run_blocking
+from supervisor.client import BlockingKernelClient, KernelClient
+from supervisor.connection import ConnectionInfo, remove_connection_files
+from supervisor.errors import KernelStateError
+from supervisor.kernel import KernelActor, LaunchOptions
+from supervisor.kernelspec import KernelSpec, format_kernel_cmd
+from supervisor.policy import RestartPolicy
+from supervisor.supervisor import Supervisor
+
+__all__ = [
+    "AsyncKernelManager",
+    "KernelManager",
+    "run_async_kernel",
+    "run_kernel",
+    "start_new_async_kernel",
+    "start_new_kernel",
+]
+
+T = TypeVar("T")
+
+
+class AsyncKernelManager:
+    """Manages one kernel in a subprocess on this host (async)."""
+
+    def __init__(
+        self,
+        kernel_name: str | None = None,
+        *,
+        kernel_id: str | None = None,
+        autorestart: bool = True,
+        policy: RestartPolicy | None = None,
+        connection_file: str | None = None,
+        supervisor: Supervisor | None = None,
+        **launch_options: Any,
+    ) -> None:
+        launch_options.pop("config", None)  # jupyter-style config objects have no meaning here
+        self.kernel_id = kernel_id or str(uuid.uuid4())
+        self.autorestart = autorestart
+        self.policy = policy or (
+            RestartPolicy.jupyter_client_compatible() if autorestart else RestartPolicy.never()
+        )
+        spec = launch_options.get("spec")
+        if kernel_name is None:
+            kernel_name = spec.name if spec is not None else "python3"
+        self._options = LaunchOptions(kernel_name=kernel_name, **launch_options)
+        self._connection_file = connection_file
+        self._supervisor = supervisor
+        self._owns_supervisor = supervisor is None
+        self._callbacks: list[tuple[Callable[[], object], str]] = []
+        self._last_info: ConnectionInfo | None = None
+        self._last_file: str | None = None
+
+    # -- identity and state --------------------------------------------------------
+    @property
+    def kernel_name(self) -> str:
+        return self._options.kernel_name
+
+    @property
+    def kernel_spec(self) -> KernelSpec:
+        """The kernelspec this manager launches (looked up on first use)."""
+        actor = self._actor()
+        if actor is not None and actor.spec is not None:
+            return actor.spec
+        return self._options.resolve_spec()
+
+    @property
+    def ipykernel(self) -> bool:
+        """True when the kernel is IPython's (nbclient asks)."""
+        return any("ipykernel" in arg for arg in self.kernel_spec.argv)
+
+    @property
+    def supervisor(self) -> Supervisor | None:
+        """The supervisor that owns the kernel (None before the first start)."""
+        return self._supervisor
+
+    def _actor(self) -> KernelActor | None:
+        sup = self._supervisor
+        if sup is None or not sup.alive:
+            return None
+        try:
+            return sup.actor_of(self.kernel_id)
+        except KernelStateError:
+            return None
+
+    @property
+    def has_kernel(self) -> bool:
+        """Has a kernel been started that we are still managing?"""
+        actor = self._actor()
+        return actor is not None and actor.state not in ("shutdown", "new")
+
+    @property
+    def connection_info(self) -> ConnectionInfo | None:
+        actor = self._actor()
+        return actor.connection_info if actor is not None else self._last_info
+
+    @property
+    def connection_file(self) -> str:
+        actor = self._actor()
+        if actor is not None:
+            return str(actor.connection_file)
+        return self._last_file or self._connection_file or ""
+
+    def get_connection_info(self, session: bool = False) -> dict[str, Any]:
+        """The connection info as the dict a connection file holds."""
+        info = self.connection_info
+        if info is None:
+            raise KernelStateError(f"kernel {self.kernel_id} has no connection info yet")
+        return info.to_dict()
+
+    @property
+    def pid(self) -> int | None:
+        actor = self._actor()
+        return actor.pid if actor is not None else None
+
+    @property
+    def restart_count(self) -> int:
+        sup = self._supervisor
+        if sup is None or self.kernel_id not in sup:
+            return 0
+        return sup.child_record(self.kernel_id)[0]
+
+    def format_kernel_cmd(self, extra_arguments: Sequence[str] | None = None) -> list[str]:
+        """The argv that launches the kernel, templates filled in."""
+        extra = tuple(extra_arguments) if extra_arguments is not None else self._options.extra_arguments
+        if self._options.kernel_cmd:
+            return [a.replace("{connection_file}", self.connection_file)
+                    for a in self._options.kernel_cmd] + list(extra)
+        return format_kernel_cmd(self.kernel_spec, self.connection_file, extra_arguments=extra)
+
+    # -- lifecycle -------------------------------------------------------------------
+    def _require(self, what: str) -> Supervisor:
+        sup = self._supervisor
+        if sup is None or self.kernel_id not in sup:
+            raise KernelStateError(f"cannot {what}: no kernel is running (call start_kernel first)")
+        return sup
+
+    async def start_kernel(self, **kw: Any) -> None:
+        """Start the kernel and wait until it is ready; ``kw`` override launch options."""
+        if self._supervisor is None or not self._supervisor.alive:
+            self._supervisor = Supervisor(policy=self.policy, launch=self._options,
+                                          name=f"manager-{self.kernel_id[:8]}")
+            self._supervisor.start()
+            self._owns_supervisor = True
+            for callback, event in self._callbacks:
+                self._supervisor.add_restart_callback(callback, event, self.kernel_id)
+        if kw:
+            self._options = self._options.replace(**kw)
+        launch = {f: getattr(self._options, f) for f in (
+            "extra_arguments", "env", "cwd", "startup_timeout", "shutdown_wait",
+            "terminate_wait", "ip", "transport", "transport_encryption", "kernel_cmd",
+            "port_retries", "forward_stderr", "spec")}
+        if self._connection_file is not None:
+            launch["connection_file"] = self._connection_file
+        await self._supervisor.start_kernel(self.kernel_name, kernel_id=self.kernel_id,
+                                            policy=self.policy, **launch)
+
+    def _remember(self) -> None:
+        actor = self._actor()
+        if actor is not None:
+            self._last_info = actor.connection_info
+            self._last_file = str(actor.connection_file)
+
+    async def shutdown_kernel(self, now: bool = False, restart: bool = False) -> None:
+        """Stop the kernel: ``shutdown_request``, then SIGTERM, then SIGKILL (``now``: at once)."""
+        sup = self._require("shut down the kernel")
+        self._remember()
+        await sup.shutdown_kernel(self.kernel_id, now=now, restart=restart)
+        if not restart and self._owns_supervisor:
+            await sup.close()
+
+    async def restart_kernel(self, now: bool = False, newports: bool = False, **kw: Any) -> None:
+        """Restart with the same ports and connection file (unless ``newports``);
+        ``kw`` replace launch options."""
+        sup = self._require("restart the kernel")
+        if kw:
+            self._options = self._options.replace(**kw)
+        await sup.restart_kernel(self.kernel_id, now=now, newports=newports, **kw)
+
+    async def interrupt_kernel(self) -> None:
+        """Interrupt the kernel (signal or message, as its kernelspec says)."""
+        await self._require("interrupt the kernel").interrupt_kernel(self.kernel_id)
+
+    async def signal_kernel(self, signum: int) -> None:
+        """Send ``signum`` to the kernel's process group."""
+        await self._require("signal the kernel").signal_kernel(self.kernel_id, signum)
+
+    async def is_alive(self) -> bool:
+        """Is the kernel process still running?"""
+        actor = self._actor()
+        return actor is not None and actor.is_alive()
+
+    async def request_shutdown(self, restart: bool = False) -> None:
+        """Send ``shutdown_request`` on the control channel, nothing more."""
+        await self._require("request shutdown").request_shutdown(self.kernel_id, restart=restart)
+
+    async def finish_shutdown(self, waittime: float | None = None,
+                              pollinterval: float = 0.1) -> None:
+        """Wait for the exit (an event; ``pollinterval`` is accepted and unused),
+        then SIGTERM/SIGKILL if it has not come; clean up."""
+        sup = self._require("finish shutdown")
+        self._remember()
+        await sup.finish_shutdown(self.kernel_id, waittime=waittime)
+        if self._owns_supervisor and self.kernel_id not in sup:
+            await sup.close()
+
+    def cleanup_resources(self, restart: bool = False) -> None:
+        """Remove the connection file and ipc sockets of a stopped kernel."""
+        actor = self._actor()
+        if (actor is not None and actor.is_alive()) or restart:
+            return
+        path = self.connection_file
+        remove_connection_files(Path(path) if path else None, self.connection_info)
+
+    def cleanup(self, connection_file: bool = True) -> None:
+        """Seed name for :meth:`cleanup_resources`."""
+        self.cleanup_resources(restart=not connection_file)
+
+    def client(self, **kwargs: Any) -> KernelClient:
+        """An async client for this kernel (channels not started)."""
+        info = self.connection_info
+        if info is None:
+            raise KernelStateError("no kernel to connect to: call start_kernel first")
+        client = KernelClient(info, **kwargs)
+        client.connection_file = Path(self.connection_file)
+        return client
+
+    def add_restart_callback(self, callback: Callable[[], object], event: str = "restart") -> None:
+        """Call ``callback()`` on automatic restarts (``'restart'``) or when the kernel
+        is lost for good (``'dead'``)."""
+        self._callbacks.append((callback, event))
+        if self._supervisor is not None:
+            self._supervisor.add_restart_callback(callback, event, self.kernel_id)
+
+    def remove_restart_callback(self, callback: Callable[[], object],
+                                event: str = "restart") -> None:
+        """Undo :meth:`add_restart_callback`."""
+        with contextlib.suppress(ValueError):
+            self._callbacks.remove((callback, event))
+        if self._supervisor is not None:
+            self._supervisor.remove_restart_callback(callback, event, self.kernel_id)
+
+
+# -- the blocking face ------------------------------------------------------------------
+def _blocking(method: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
+    """Turn an AsyncKernelManager coroutine method into a blocking one."""
+
+    @functools.wraps(method)
+    def call(self: KernelManager, *args: Any, **kwargs: Any) -> T:
+        return run_blocking(lambda: method(self._async, *args, **kwargs))
+
+    return call
+
+
+def _delegate(name: str) -> property:
+    return property(lambda self: getattr(self._async, name),
+                    doc=f"Same as :attr:`AsyncKernelManager.{name}`.")
+
+
+class KernelManager:
+    """The seed's blocking KernelManager: an AsyncKernelManager on the background loop."""
+
+    def __init__(self, kernel_name: str | None = None, **kwargs: Any) -> None:
+        self._async = AsyncKernelManager(kernel_name, **kwargs)
+
+    start_kernel = _blocking(AsyncKernelManager.start_kernel)
+    shutdown_kernel = _blocking(AsyncKernelManager.shutdown_kernel)
+    restart_kernel = _blocking(AsyncKernelManager.restart_kernel)
+    interrupt_kernel = _blocking(AsyncKernelManager.interrupt_kernel)
+    signal_kernel = _blocking(AsyncKernelManager.signal_kernel)
+    is_alive = _blocking(AsyncKernelManager.is_alive)
+    request_shutdown = _blocking(AsyncKernelManager.request_shutdown)
+    finish_shutdown = _blocking(AsyncKernelManager.finish_shutdown)
+
+    kernel_id = _delegate("kernel_id")
+    kernel_name = _delegate("kernel_name")
+    kernel_spec = _delegate("kernel_spec")
+    ipykernel = _delegate("ipykernel")
+    has_kernel = _delegate("has_kernel")
+    connection_info = _delegate("connection_info")
+    connection_file = _delegate("connection_file")
+    pid = _delegate("pid")
+    restart_count = _delegate("restart_count")
+    supervisor = _delegate("supervisor")
+
+    def get_connection_info(self, session: bool = False) -> dict[str, Any]:
+        return self._async.get_connection_info(session)
+
+    def format_kernel_cmd(self, extra_arguments: Sequence[str] | None = None) -> list[str]:
+        return self._async.format_kernel_cmd(extra_arguments)
+
+    def cleanup_resources(self, restart: bool = False) -> None:
+        self._async.cleanup_resources(restart)
+
+    def cleanup(self, connection_file: bool = True) -> None:
+        self._async.cleanup(connection_file)
+
+    def add_restart_callback(self, callback: Callable[[], object], event: str = "restart") -> None:
+        run_blocking(_call_soon(self._async.add_restart_callback, callback, event))
+
+    def remove_restart_callback(self, callback: Callable[[], object],
+                                event: str = "restart") -> None:
+        run_blocking(_call_soon(self._async.remove_restart_callback, callback, event))
+
+    def client(self, **kwargs: Any) -> BlockingKernelClient:
+        """A blocking client for this kernel (channels not started)."""
+        info = self._async.connection_info
+        if info is None:
+            raise KernelStateError("no kernel to connect to: call start_kernel first")
+        return BlockingKernelClient(info, **kwargs)
+
+
+def _call_soon(fn: Callable[..., None], *args: Any) -> Callable[[], Coroutine[Any, Any, None]]:
+    async def run() -> None:
+        fn(*args)
+    return run
+
+
+# -- one-call helpers -------------------------------------------------------------------
+def start_new_kernel(startup_timeout: float = 60, kernel_name: str = "python",
+                     **kwargs: Any) -> tuple[KernelManager, BlockingKernelClient]:
+    """Start a kernel; return its manager and a ready blocking client."""
+    km = KernelManager(kernel_name, startup_timeout=startup_timeout, **kwargs)
+    km.start_kernel()
+    kc = km.client()
+    try:
+        kc.start_channels()
+        kc.wait_for_ready(timeout=startup_timeout)
+    except BaseException:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+        raise
+    return km, kc
+
+
+@contextlib.contextmanager
+def run_kernel(**kwargs: Any) -> Iterator[BlockingKernelClient]:
+    """A ready blocking client; the kernel is shut down on exit, also on error."""
+    km, kc = start_new_kernel(**kwargs)
+    try:
+        yield kc
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+async def start_new_async_kernel(startup_timeout: float = 60, kernel_name: str = "python",
+                                 **kwargs: Any) -> tuple[AsyncKernelManager, KernelClient]:
+    """Async twin of :func:`start_new_kernel`."""
+    km = AsyncKernelManager(kernel_name, startup_timeout=startup_timeout, **kwargs)
+    await km.start_kernel()
+    kc = km.client()
+    try:
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=startup_timeout)
+    except BaseException:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+        raise
+    return km, kc
+
+
+@contextlib.asynccontextmanager
+async def run_async_kernel(**kwargs: Any) -> AsyncIterator[KernelClient]:
+    """Async twin of :func:`run_kernel`."""
+    km, kc = await start_new_async_kernel(**kwargs)
+    try:
+        yield kc
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+
