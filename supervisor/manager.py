@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -75,6 +76,7 @@ class AsyncKernelManager:
         self._owns_supervisor = supervisor is None
         self._callbacks: list[tuple[Callable[[], object], str]] = []
         self._last_info: ConnectionInfo | None = None
+        self._clients: weakref.WeakSet[KernelClient] = weakref.WeakSet()
         self._last_file: str | None = None
 
     # -- identity and state --------------------------------------------------------
@@ -192,8 +194,16 @@ class AsyncKernelManager:
         sup = self._require("shut down the kernel")
         self._remember()
         await sup.shutdown_kernel(self.kernel_id, now=now, restart=restart)
-        if not restart and self._owns_supervisor:
-            await sup.close()
+        if not restart:
+            self._close_clients()
+            if self._owns_supervisor:
+                await sup.close()
+
+    def _close_clients(self) -> None:
+        """Clients of a kernel that is gone have nothing left to say: close their sockets."""
+        for client in list(self._clients):
+            if client.channels_running:
+                client.stop_channels()
 
     async def restart_kernel(self, now: bool = False, newports: bool = False, **kw: Any) -> None:
         """Restart with the same ports and connection file (unless ``newports``);
@@ -227,8 +237,10 @@ class AsyncKernelManager:
         sup = self._require("finish shutdown")
         self._remember()
         await sup.finish_shutdown(self.kernel_id, waittime=waittime)
-        if self._owns_supervisor and self.kernel_id not in sup:
-            await sup.close()
+        if self.kernel_id not in sup:
+            self._close_clients()
+            if self._owns_supervisor:
+                await sup.close()
 
     def cleanup_resources(self, restart: bool = False) -> None:
         """Remove the connection file and ipc sockets of a stopped kernel."""
@@ -249,6 +261,7 @@ class AsyncKernelManager:
             raise KernelStateError("no kernel to connect to: call start_kernel first")
         client = KernelClient(info, **kwargs)
         client.connection_file = Path(self.connection_file)
+        self._clients.add(client)
         return client
 
     def add_restart_callback(self, callback: Callable[[], object], event: str = "restart") -> None:
@@ -333,7 +346,9 @@ class KernelManager:
         info = self._async.connection_info
         if info is None:
             raise KernelStateError("no kernel to connect to: call start_kernel first")
-        return BlockingKernelClient(info, **kwargs)
+        client = BlockingKernelClient(info, **kwargs)
+        run_blocking(_call_soon(self._async._clients.add, client.async_client))
+        return client
 
 
 def _call_soon(fn: Callable[..., None], *args: Any) -> Callable[[], Coroutine[Any, Any, None]]:
