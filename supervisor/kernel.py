@@ -163,6 +163,7 @@ class LaunchOptions:
     cwd: str | None = None
     startup_timeout: float = 60.0
     shutdown_wait: float = 5.0
+    exit_grace: float = 1.0
     terminate_wait: float = 2.0
     ip: str = "127.0.0.1"
     transport: str = "tcp"
@@ -171,7 +172,7 @@ class LaunchOptions:
     forward_stderr: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("startup_timeout", "shutdown_wait", "terminate_wait"):
+        for name in ("startup_timeout", "shutdown_wait", "exit_grace", "terminate_wait"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigurationError(f"{name} must be a non-negative number, not {value!r}")
@@ -551,13 +552,30 @@ class KernelActor(Actor):
         )
 
     async def _graceful(self, proc: KernelProcess, restart: bool) -> str:
+        """shutdown_request, then SIGTERM, then SIGKILL; returns which one ended it.
+
+        A kernel that acknowledged the request (``shutdown_reply``) but is still
+        alive ``exit_grace`` seconds later is stuck on its way out (ipykernel 7
+        sometimes hangs closing its threads): it gets SIGTERM then, instead of
+        after the whole ``shutdown_wait``.
+        """
         opts = self.options
-        if self._control is not None and self._session is not None:
-            request = self._session.msg("shutdown_request", {"restart": restart})
+        control, session = self._control, self._session
+        if control is not None and session is not None:
+            request = session.msg("shutdown_request", {"restart": restart})
             with contextlib.suppress(zmq.ZMQError):
-                await self._session.send_async(self._control, request)
-            if await proc.wait(opts.shutdown_wait) is not None:
+                await session.send_async(control, request)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + opts.shutdown_wait
+            replied = await self._race_exit(
+                proc, self._await_reply(control, session, request), opts.shutdown_wait)
+            if not proc.running:
                 return "shutdown_request"
+            if replied is not None:
+                wait = max(0.0, min(opts.exit_grace, deadline - loop.time()))
+                if await proc.wait(wait) is not None:
+                    return "shutdown_request"
+                self._log.warning("kernel.stuck_after_shutdown_reply", grace=opts.exit_grace)
         proc.signal_group(_signal.SIGTERM)
         if await proc.wait(opts.terminate_wait) is not None:
             return "SIGTERM"

@@ -19,6 +19,7 @@ restart callbacks run on worker threads.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import uuid
 import weakref
@@ -174,10 +175,8 @@ class AsyncKernelManager:
                 self._supervisor.add_restart_callback(callback, event, self.kernel_id)
         if kw:
             self._options = self._options.replace(**kw)
-        launch = {f: getattr(self._options, f) for f in (
-            "extra_arguments", "env", "cwd", "startup_timeout", "shutdown_wait",
-            "terminate_wait", "ip", "transport", "transport_encryption", "kernel_cmd",
-            "port_retries", "forward_stderr", "spec")}
+        launch = {f.name: getattr(self._options, f.name) for f in dataclasses.fields(self._options)
+                  if f.name != "kernel_name"}
         if self._connection_file is not None:
             launch["connection_file"] = self._connection_file
         await self._supervisor.start_kernel(self.kernel_name, kernel_id=self.kernel_id,
