@@ -77,6 +77,7 @@ class Actor:
         self._mailbox: Queue[_Envelope] = Queue()
         self._runner: asyncio.Task[None] | None = None
         self._done = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._state = "new"  # new -> running -> stopping -> stopped
         self._stop_reason = ""
 
@@ -137,6 +138,17 @@ class Actor:
         Subclasses use it to let an urgent message (a shutdown) cut short a
         long handler that is running now; it must not block or raise.
         """
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` as a task the actor keeps a reference to until it ends.
+
+        For work a handler starts but must not wait for (its result comes back
+        as a message), so that the mailbox stays free.
+        """
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- messaging ---------------------------------------------------------
     def tell(self, msg: object) -> None:

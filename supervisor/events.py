@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import structlog
 
@@ -60,7 +60,7 @@ class KernelEvent:
     at: float = 0.0
 
 
-Listener = Callable[[KernelEvent], Union[None, Awaitable[None]]]
+Listener = Callable[[KernelEvent], Awaitable[None] | None]
 
 
 class _Subscriber:

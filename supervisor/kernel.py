@@ -66,10 +66,10 @@ from supervisor.wire import Message, Session
 
 __all__ = [
     "ChildExited",
+    "FinishShutdown",
     "Interrupt",
     "KernelActor",
     "LaunchOptions",
-    "FinishShutdown",
     "ProcessExited",
     "RequestShutdown",
     "Restart",
@@ -383,7 +383,8 @@ class KernelActor(Actor):
         self._session = Session(info.key, info.signature_scheme)
         argv = list(opts.kernel_cmd) if opts.kernel_cmd else None
         if argv is None:
-            argv = format_kernel_cmd(spec, str(self.connection_file), extra_arguments=opts.extra_arguments)
+            argv = format_kernel_cmd(spec, str(self.connection_file),
+                                     extra_arguments=opts.extra_arguments)
         else:
             argv = [a.replace("{connection_file}", str(self.connection_file)) for a in argv]
             argv += list(opts.extra_arguments)

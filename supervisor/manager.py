@@ -151,7 +151,8 @@ class AsyncKernelManager:
 
     def format_kernel_cmd(self, extra_arguments: Sequence[str] | None = None) -> list[str]:
         """The argv that launches the kernel, templates filled in."""
-        extra = tuple(extra_arguments) if extra_arguments is not None else self._options.extra_arguments
+        extra = (tuple(extra_arguments) if extra_arguments is not None
+                 else self._options.extra_arguments)
         if self._options.kernel_cmd:
             return [a.replace("{connection_file}", self.connection_file)
                     for a in self._options.kernel_cmd] + list(extra)

@@ -201,7 +201,8 @@ class KernelProcess:
         except FileNotFoundError as exc:
             missing = exc.filename or argv[0]
             if cwd is not None and not Path(cwd).is_dir():
-                raise KernelStartupError(f"cannot launch {argv[0]!r}: no directory {cwd!r}") from exc
+                raise KernelStartupError(
+                    f"cannot launch {argv[0]!r}: no directory {cwd!r}") from exc
             raise KernelStartupError(f"cannot launch the kernel: {missing!r} not found") from exc
         except PermissionError as exc:
             raise KernelStartupError(f"cannot launch {argv[0]!r}: permission denied") from exc

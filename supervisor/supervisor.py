@@ -29,9 +29,9 @@ import contextlib
 import random
 import time
 import uuid
-from pathlib import Path
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -444,7 +444,7 @@ class Supervisor(Actor):
         done: asyncio.Future[None] = await self.ask(_Op(kernel_id, op, args))
         await done
 
-    async def receive(self, msg: object) -> Any:  # noqa: PLR0911 - a dispatch table
+    async def receive(self, msg: object) -> Any:
         if isinstance(msg, _StartChild):
             return self._on_start_child(msg)
         if isinstance(msg, _StartDone):
@@ -549,7 +549,7 @@ class Supervisor(Actor):
                 error = exc
             self.tell(_StartDone(child.kernel_id, epoch, error, kind))
 
-        asyncio.ensure_future(run())
+        self.spawn(run())
         return waiter
 
     def _on_start_done(self, msg: _StartDone) -> None:
@@ -639,7 +639,8 @@ class Supervisor(Actor):
             self._cancel_timer(member)
             member.epoch += 1
             member.status = "backoff"
-            why = reason if member is child else f"sibling {child.kernel_id} exited ({self.strategy})"
+            why = (reason if member is child
+                   else f"sibling {child.kernel_id} exited ({self.strategy})")
             self._emit("restarting", member, status=status if member is child else None,
                        reason=why, delay=decision.delay)
             member.timer = self.loop.call_later(decision.delay, self.tell,
@@ -686,8 +687,9 @@ class Supervisor(Actor):
     def _on_revive(self) -> asyncio.Future[str]:
         """Parent's restart of this (nested) supervisor: start every child afresh."""
         self._failed = False
-        waiters = [self._begin(c, "auto", Start() if isinstance(c.actor, KernelActor) else _Revive())
-                   for c in sorted(self._children.values(), key=lambda c: c.order)]
+        waiters = [
+            self._begin(c, "auto", Start() if isinstance(c.actor, KernelActor) else _Revive())
+            for c in sorted(self._children.values(), key=lambda c: c.order)]
         for child in self._children.values():
             child.history = RestartHistory()
         done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -756,7 +758,7 @@ class Supervisor(Actor):
             else:
                 done.set_result(None)
 
-        asyncio.ensure_future(run())
+        self.spawn(run())
         return done
 
     def _on_op_done(self, msg: _OpDone) -> None:
@@ -820,7 +822,7 @@ class Supervisor(Actor):
                 await asyncio.gather(*(stop_one(c) for c in children))
             done.set_result(None)
 
-        asyncio.ensure_future(run())
+        self.spawn(run())
         return done
 
     # -- nesting, warm pool, culling --------------------------------------------------------------

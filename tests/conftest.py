@@ -67,7 +67,7 @@ def fake_kernel_spec_dir(root: Path, name: str, *flags: str, **extra: object) ->
 
 
 def fake_spec(*flags: str, interrupt_mode: str = "signal", name: str = "fake",
-              metadata: dict[str, object] | None = None) -> "KernelSpec":
+              metadata: dict[str, object] | None = None) -> KernelSpec:
     """A KernelSpec that runs tests/kernels/fakekernel.py with ``flags``."""
     from supervisor.kernelspec import KernelSpec
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from typing import Any
 
@@ -247,4 +246,3 @@ async def test_stopping_the_actor_kills_a_running_kernel() -> None:
     await stop(actor)
     assert pid is not None and pid_gone(pid, 5)
     assert not actor.connection_file.exists()
-    assert not os.path.exists(actor.connection_file)

@@ -61,11 +61,15 @@ def shell_reply(kc: BlockingKernelClient, msg_id: str) -> dict[str, Any]:
             return msg
 
 
-def wait_busy(kc: BlockingKernelClient, msg_id: str) -> None:
+SLEEPER = "import time\nprint('sleeping', flush=True)\ntime.sleep(60)"
+
+
+def wait_running(kc: BlockingKernelClient, msg_id: str) -> None:
+    """Wait until the cell's own code runs (its first output), so an interrupt hits it:
+    a SIGINT that lands between the busy status and the cell is absorbed by ipykernel."""
     while True:
         msg = kc.get_iopub_msg(timeout=20)
-        if (msg["msg_type"] == "status" and msg["parent_header"].get("msg_id") == msg_id
-                and msg["content"]["execution_state"] == "busy"):
+        if msg["msg_type"] == "stream" and msg["parent_header"].get("msg_id") == msg_id:
             return
 
 
@@ -86,8 +90,8 @@ def test_blocking_seed_api_end_to_end() -> None:
         kc.wait_for_ready(timeout=20)
         assert stream_text(kc, kc.execute("print('hello seed')")) == "hello seed\n"
 
-        msg_id = kc.execute("import time; time.sleep(60)")
-        wait_busy(kc, msg_id)
+        msg_id = kc.execute(SLEEPER)
+        wait_running(kc, msg_id)
         km.interrupt_kernel()
         reply = shell_reply(kc, msg_id)
         assert reply["content"]["status"] == "error"
@@ -213,10 +217,10 @@ async def test_async_seed_api() -> None:
         await kc.wait_for_ready(timeout=20)
         assert await astream_text(kc, kc.execute("print('async')")) == "async\n"
         assert await km.is_alive()
-        msg_id = kc.execute("import time; time.sleep(60)")
+        msg_id = kc.execute(SLEEPER)
         while True:
             msg = await kc.get_iopub_msg(timeout=20)
-            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "status":
+            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
                 break
         await km.interrupt_kernel()
         while True:

@@ -85,7 +85,7 @@ async def test_sigkill_of_ipykernel_is_restarted_and_answers_again() -> None:
         assert old_pid is not None
         os.kill(old_pid, signal.SIGKILL)
         await events.wait_for(lambda e: e.kind == "restarted" and e.kernel_id == kid)
-        exited = [e for e in events.seen if e.kind == "exited"][0]
+        exited = next(e for e in events.seen if e.kind == "exited")
         assert exited.signal == signal.SIGKILL and exited.exit_code is None
         assert handle.actor.pid != old_pid and handle.restart_count == 1
         kc = handle.client()
