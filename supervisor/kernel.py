@@ -30,12 +30,14 @@ process is reaped.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import dataclasses
 import os
 import signal as _signal
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +83,22 @@ __all__ = [
 log = structlog.get_logger("supervisor.kernel")
 
 _PORT_CLASH = "Address already in use"
+_live: weakref.WeakSet[KernelActor] = weakref.WeakSet()
+
+
+@atexit.register
+def _kill_leftovers_at_exit() -> None:
+    """Interpreter exit with kernels still running: kill them and remove their files.
+
+    Runs without a loop (the loops may be gone); the reaper sidecar would kill
+    the processes anyway, but only this removes their connection files.
+    """
+    for actor in list(_live):
+        proc = actor.process
+        if proc is not None and proc.running:
+            proc.kill()
+        if actor.state != "shutdown":
+            remove_connection_files(actor.connection_file, actor.connection_info)
 _ENCRYPTION_MODES = ("disabled", "auto", "required")
 
 
@@ -262,6 +280,7 @@ class KernelActor(Actor):
         self._pending_shutdowns = 0
         self._spec: KernelSpec | None = None
         self._log = log.bind(kernel_id=self.kernel_id, kernel_name=self.options.kernel_name)
+        _live.add(self)
 
     # -- read-only views ---------------------------------------------------------
     @property
