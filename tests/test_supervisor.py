@@ -336,3 +336,43 @@ def test_bad_configuration_is_rejected() -> None:
         Supervisor(max_kernels=0)
     with pytest.raises(ConfigurationError):
         Supervisor(warm={"python3": -1})
+
+
+async def test_culling_spares_busy_kernels_and_honours_the_spec_override() -> None:
+    """A busy kernel is not culled (cull_busy=False); metadata.cull_idle_timeout overrides."""
+    events = Events()
+    async with sup(cull_idle_timeout=0.3, cull_interval=0.05) as s:
+        s.subscribe(events)
+        busy = await s.start_kernel(spec=fake_spec())
+        never = await s.start_kernel(spec=fake_spec(name="keep",
+                                                    metadata={"cull_idle_timeout": 0}))
+        kc = s.get_kernel(busy).client()
+        kc.start_channels()
+        try:
+            msg_id = kc.execute("import time\nprint('go', flush=True)\ntime.sleep(30)")
+            while True:
+                msg = await kc.get_iopub_msg(timeout=10)
+                if msg["msg_type"] == "stream" and msg["parent_header"].get("msg_id") == msg_id:
+                    break
+            idle = await s.start_kernel(spec=fake_spec())
+            await events.wait_for(lambda e: e.kind == "culled" and e.kernel_id == idle)
+            assert busy in s and never in s
+            assert "culled" not in events.kinds(busy) and "culled" not in events.kinds(never)
+            assert s.actor_of(busy).execution_state == "busy"
+        finally:
+            kc.stop_channels()
+
+
+async def test_cull_busy_culls_busy_kernels_too() -> None:
+    """With cull_busy=True a kernel busy for longer than the timeout is culled."""
+    events = Events()
+    async with sup(cull_idle_timeout=0.3, cull_interval=0.05, cull_busy=True) as s:
+        s.subscribe(events)
+        kid = await s.start_kernel(spec=fake_spec())
+        kc = s.get_kernel(kid).client()
+        kc.start_channels()
+        try:
+            kc.execute("import time\ntime.sleep(30)")
+            await events.wait_for(lambda e: e.kind == "culled" and e.kernel_id == kid)
+        finally:
+            kc.stop_channels()
