@@ -31,6 +31,7 @@ import functools
 import getpass
 import math
 import sys
+import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from inspect import isawaitable
@@ -80,11 +81,13 @@ def connect_channel(
 ) -> zmq.asyncio.Socket:
     """A socket of ``channel``'s type, connected to the kernel ``info`` describes.
 
-    shell/control/stdin are DEALERs, iopub a SUB subscribed to everything, hb a
-    REQ. LINGER is 0 and the reconnect interval 10 ms, so a kernel that binds
-    late is reached quickly. With Curve keys in ``info`` the socket is a
-    CurveZMQ client trusting the kernel's public key (the connection file's
-    keypair is both the server's and the client's, as ipykernel does it).
+    shell/control/stdin are DEALERs, hb a REQ, iopub a SUB subscribed to
+    everything and to a topic of its own, so that the kernel greets it with
+    ``iopub_welcome`` even when another subscriber took the empty topic first.
+    LINGER is 0 and the reconnect interval 10 ms, so a kernel that binds late
+    is reached quickly. With Curve keys in ``info`` the socket is a CurveZMQ
+    client trusting the kernel's public key (the connection file's keypair is
+    both the server's and the client's, as ipykernel does it).
     """
     try:
         kind = _SOCKET_TYPES[channel]
@@ -99,6 +102,9 @@ def connect_channel(
             sock.setsockopt(zmq.IDENTITY, identity)
         if kind == zmq.SUB:
             sock.setsockopt(zmq.SUBSCRIBE, b"")
+            # ipykernel's XPUB greets each *new* topic only: a second b"" subscriber
+            # would get no iopub_welcome. A topic of our own always gets one.
+            sock.setsockopt(zmq.SUBSCRIBE, b"ks-welcome-" + uuid.uuid4().hex.encode())
         public, secret = info.curve_publickey, info.curve_secretkey
         if info.encrypted and public is not None and secret is not None:
             sock.setsockopt(zmq.CURVE_SERVERKEY, public)

@@ -426,7 +426,7 @@ class KernelActor(Actor):
         launched.append(proc)
         self._proc = proc
         self._log = self._log.bind(pid=proc.pid)
-        self._log.debug("kernel.launched", argv=argv)
+        self._log.debug("actor.launched", argv=argv)
         try:
             await self._wait_ready(proc, info, opts.startup_timeout)
         except _PortClash:
@@ -439,7 +439,7 @@ class KernelActor(Actor):
             raise
         self.state = "running"
         self.started_at = time.monotonic()
-        self._log.info("kernel.ready", seconds=round(self.started_at - t0, 4))
+        self._log.debug("actor.ready", seconds=round(self.started_at - t0, 4))
         return self.kernel_info
 
     async def _wait_ready(self, proc: KernelProcess, info: ConnectionInfo, timeout: float) -> None:
@@ -479,7 +479,10 @@ class KernelActor(Actor):
                 assert exc is not None
                 raise exc
             raise KernelStartupError(
-                f"kernel {self.kernel_id} was not ready within {timeout} s",
+                f"kernel {self.kernel_id} was not ready within {timeout} s "
+                f"(kernel_info_reply {'received' if self.kernel_info else 'not received'}, "
+                f"IOPub {'live' if self._iopub_seen.is_set() else 'silent'}, "
+                f"{self.dropped} message(s) dropped)",
                 stderr_tail=proc.stderr_tail(), timed_out=True,
             )
         finally:
@@ -488,6 +491,7 @@ class KernelActor(Actor):
     async def _handshake(self, shell: zmq.asyncio.Socket) -> None:
         session = self._session
         assert session is not None
+        self.kernel_info = {}
         request = session.msg("kernel_info_request", {})
         await session.send_async(shell, request)
         while True:
@@ -566,8 +570,8 @@ class KernelActor(Actor):
         self.execution_state = "dead"
         if not restart:
             self.state = "shutdown"
-        self._log.info(
-            "kernel.shutdown", how=how, status=status.describe() if status else None,
+        self._log.debug(
+            "actor.shutdown", how=how, status=status.describe() if status else None,
             seconds=round(time.monotonic() - t0, 4), restart=restart,
         )
 
@@ -661,14 +665,14 @@ class KernelActor(Actor):
         mode = spec.interrupt_mode if spec is not None else "signal"
         if mode == "signal":
             proc.signal_group(_signal.SIGINT)
-            self._log.info("kernel.interrupted", mode=mode)
+            self._log.debug("actor.interrupted", mode=mode)
             return
         session, control = self._session, self._control
         assert session is not None and control is not None
         request = session.msg("interrupt_request", {})
         await session.send_async(control, request)
         reply = await self._race_exit(proc, self._await_reply(control, session, request), 5.0)
-        self._log.info("kernel.interrupted", mode=mode, replied=reply is not None)
+        self._log.debug("actor.interrupted", mode=mode, replied=reply is not None)
 
     async def _await_reply(
         self, sock: zmq.asyncio.Socket, session: Session, request: Message
@@ -698,7 +702,7 @@ class KernelActor(Actor):
     def _signal(self, signum: int) -> None:
         proc = self._running_process("signal")
         proc.signal_group(signum)
-        self._log.info("kernel.signalled", signum=signum)
+        self._log.debug("actor.signalled", signum=signum)
 
     # -- exits -------------------------------------------------------------------
     def _process_exited(self, msg: ProcessExited) -> None:
@@ -710,6 +714,6 @@ class KernelActor(Actor):
         msg.process.release_group()
         self._close_sockets()
         msg.process.close()
-        self._log.warning("kernel.exited", status=msg.status.describe(), uptime=round(uptime, 3))
+        self._log.debug("actor.exited", status=msg.status.describe(), uptime=round(uptime, 3))
         if self.parent is not None:
             self.parent.tell(ChildExited(self.kernel_id, msg.status, uptime))

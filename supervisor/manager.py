@@ -363,12 +363,14 @@ def start_new_kernel(startup_timeout: float = 60, kernel_name: str = "python",
     """Start a kernel; return its manager and a ready blocking client."""
     km = KernelManager(kernel_name, startup_timeout=startup_timeout, **kwargs)
     km.start_kernel()
-    kc = km.client()
+    kc: BlockingKernelClient | None = None
     try:
+        kc = km.client()
         kc.start_channels()
         kc.wait_for_ready(timeout=startup_timeout)
     except BaseException:
-        kc.stop_channels()
+        if kc is not None:
+            kc.stop_channels()
         km.shutdown_kernel(now=True)
         raise
     return km, kc
@@ -390,12 +392,14 @@ async def start_new_async_kernel(startup_timeout: float = 60, kernel_name: str =
     """Async twin of :func:`start_new_kernel`."""
     km = AsyncKernelManager(kernel_name, startup_timeout=startup_timeout, **kwargs)
     await km.start_kernel()
-    kc = km.client()
+    kc: KernelClient | None = None
     try:
+        kc = km.client()
         kc.start_channels()
         await kc.wait_for_ready(timeout=startup_timeout)
     except BaseException:
-        kc.stop_channels()
+        if kc is not None:
+            kc.stop_channels()
         await km.shutdown_kernel(now=True)
         raise
     return km, kc

@@ -125,7 +125,7 @@ async def test_shutdown_escalates(flags: tuple[str, ...], how: str) -> None:
     pid = actor.pid
     with capture_logs() as logs:
         await actor.ask(Shutdown())
-    done = [e for e in logs if e["event"] == "kernel.shutdown"]
+    done = [e for e in logs if e["event"] == "actor.shutdown"]
     assert done and done[0]["how"] == how
     assert pid is not None and pid_gone(pid, 0.5)
     await stop(actor)

@@ -61,7 +61,10 @@ def shell_reply(kc: BlockingKernelClient, msg_id: str) -> dict[str, Any]:
             return msg
 
 
-SLEEPER = "import time\nprint('sleeping', flush=True)\ntime.sleep(60)"
+# Short sleeps in a loop: a SIGINT that the OS hands to another thread than the
+# main one would not cut a single long sleep short (CPython runs handlers on the
+# main thread between bytecodes), so the loop keeps the interrupt prompt.
+SLEEPER = "import time\nprint('sleeping', flush=True)\nfor _ in range(6000): time.sleep(0.01)"
 
 
 def wait_running(kc: BlockingKernelClient, msg_id: str) -> None:
