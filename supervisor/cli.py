@@ -229,8 +229,10 @@ def build_parser(prog: str = "kernel-supervisor") -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=summary, description=description,
+    def command(name: str, summary: str, description: str,
+                own_logging: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common] if own_logging else [], help=summary,
+                           description=description,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(parser=p)
         return p
@@ -304,7 +306,8 @@ def build_parser(prog: str = "kernel-supervisor") -> argparse.ArgumentParser:
     command("bench", "run the benchmark suite (python -m benchmarks)",
             "Run the benchmark suite of a source checkout in this process, --quick unless\n"
             "--full is given. Every argument after 'bench' goes to the suite; see its own\n"
-            f"options with '{prog} bench -- --help'. Logging options go before 'bench'.")
+            f"options with '{prog} bench -- --help'.\nLogging options go before 'bench'.",
+            own_logging=False)
     return parser
 
 

@@ -181,7 +181,7 @@ class LaunchOptions:
     cwd: str | None = None
     startup_timeout: float = 60.0
     shutdown_wait: float = 5.0
-    exit_grace: float = 1.0
+    exit_grace: float = 2.0
     terminate_wait: float = 2.0
     ip: str = "127.0.0.1"
     transport: str = "tcp"
@@ -278,6 +278,8 @@ class KernelActor(Actor):
         self._iopub_seen = asyncio.Event()
         self._abort = asyncio.Event()
         self._pending_shutdowns = 0
+        self._hurry = asyncio.Event()
+        self._pending_kills = 0
         self._spec: KernelSpec | None = None
         self._log = log.bind(kernel_id=self.kernel_id, kernel_name=self.options.kernel_name)
         _live.add(self)
@@ -309,6 +311,11 @@ class KernelActor(Actor):
         if isinstance(msg, Shutdown):
             self._pending_shutdowns += 1
             self._abort.set()
+            # now=True cuts short a graceful shutdown queued or running before it:
+            # its waits end, the kernel is killed, then this message finds it gone.
+            if msg.now:
+                self._pending_kills += 1
+                self._hurry.set()
 
     async def on_stop(self) -> None:
         """Whatever the reason, nothing outlives the actor."""
@@ -328,6 +335,10 @@ class KernelActor(Actor):
             self._pending_shutdowns -= 1
             if not self._pending_shutdowns:
                 self._abort.clear()
+            if msg.now:
+                self._pending_kills -= 1
+                if not self._pending_kills:
+                    self._hurry.clear()
             return await self._shutdown(now=msg.now, restart=msg.restart)
         if isinstance(msg, RequestShutdown):
             return await self._request_shutdown(msg.restart)
@@ -585,7 +596,7 @@ class KernelActor(Actor):
         """
         opts = self.options
         control, session = self._control, self._session
-        if control is not None and session is not None:
+        if control is not None and session is not None and not self._hurry.is_set():
             request = session.msg("shutdown_request", {"restart": restart})
             with contextlib.suppress(zmq.ZMQError):
                 await session.send_async(control, request)
@@ -597,14 +608,29 @@ class KernelActor(Actor):
                 return "shutdown_request"
             if replied is not None:
                 wait = max(0.0, min(opts.exit_grace, deadline - loop.time()))
-                if await proc.wait(wait) is not None:
+                if await self._wait_exit(proc, wait) is not None:
                     return "shutdown_request"
                 self._log.warning("kernel.stuck_after_shutdown_reply", grace=opts.exit_grace)
-        proc.signal_group(_signal.SIGTERM)
-        if await proc.wait(opts.terminate_wait) is not None:
-            return "SIGTERM"
+        if not self._hurry.is_set():
+            proc.signal_group(_signal.SIGTERM)
+            if await self._wait_exit(proc, opts.terminate_wait) is not None:
+                return "SIGTERM"
         proc.kill()
         return "SIGKILL"
+
+    async def _wait_exit(self, proc: KernelProcess, timeout: float) -> ExitStatus | None:
+        """Wait for the exit up to ``timeout``; None if it did not come or we must hurry."""
+        waits: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(asyncio.shield(proc.exited)),
+            asyncio.ensure_future(self._hurry.wait()),
+        ]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in waits:
+                fut.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        return proc.exited.result() if proc.exited.done() else None
 
     async def _request_shutdown(self, restart: bool) -> None:
         self._running_process("request shutdown of")
@@ -687,13 +713,15 @@ class KernelActor(Actor):
     ) -> Message | None:
         task: asyncio.Future[Any] = asyncio.ensure_future(work)
         exited: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(proc.exited))
+        hurry: asyncio.Future[Any] = asyncio.ensure_future(self._hurry.wait())
         try:
-            await asyncio.wait({task, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({task, exited, hurry}, timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for fut in (task, exited):
+            for fut in (task, exited, hurry):
                 if not fut.done():
                     fut.cancel()
-            await asyncio.gather(task, exited, return_exceptions=True)
+            await asyncio.gather(task, exited, hurry, return_exceptions=True)
         if task.done() and not task.cancelled() and task.exception() is None:
             result: Message = task.result()
             return result

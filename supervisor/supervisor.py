@@ -436,7 +436,9 @@ class Supervisor(Actor):
 
     def child_record(self, kernel_id: str) -> tuple[int, str]:
         """(restart_count, status) of a child."""
-        child = self._children[kernel_id]
+        child = self._children.get(kernel_id)
+        if child is None:
+            raise KernelStateError(f"{self.name} has no child {kernel_id!r}")
         return child.restart_count, child.status
 
     # == message handling ================================================================
@@ -492,9 +494,11 @@ class Supervisor(Actor):
             restart_count=child.restart_count if child else 0, delay=delay, manual=manual,
             at=self._clock(),
         )
-        self._log.info(f"kernel.{kind}", kernel_id=event.kernel_id, reason=reason or None,
-                       exit_code=event.exit_code, signal=event.signal, delay=delay,
-                       restart_count=event.restart_count, manual=manual or None)
+        fields = {"kernel_id": event.kernel_id, "reason": reason, "exit_code": event.exit_code,
+                  "signal": event.signal, "delay": delay, "manual": manual,
+                  "restart_count": event.restart_count}
+        self._log.info(f"kernel.{kind}", **{k: v for k, v in fields.items()
+                                            if v not in (None, "", False)})
         self._events.emit(event)
 
     # -- starting ---------------------------------------------------------------------------
@@ -791,8 +795,10 @@ class Supervisor(Actor):
         elif msg.op == "request_shutdown":
             pass
         elif msg.error is None:
+            signum = msg.args.get("signum")
             self._emit("interrupted" if msg.op == "interrupt" else "signalled", child,
-                       reason=str(msg.args.get("signum", "")), manual=True)
+                       status=None if signum is None else ExitStatus(None, signum),
+                       reason="requested", manual=True)
 
     def _on_shutdown_all(self, msg: _ShutdownAll) -> asyncio.Future[None]:
         children = sorted(self._children.values(), key=lambda c: -c.order)

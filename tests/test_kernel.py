@@ -246,3 +246,17 @@ async def test_stopping_the_actor_kills_a_running_kernel() -> None:
     await stop(actor)
     assert pid is not None and pid_gone(pid, 5)
     assert not actor.connection_file.exists()
+
+
+async def test_shutdown_now_cuts_a_graceful_shutdown_short() -> None:
+    """Shutdown(now=True) sent while a graceful shutdown waits on a deaf kernel kills it at once."""
+    actor = KernelActor(fake("--ignore-shutdown", "--ignore-sigterm", shutdown_wait=60,
+                             terminate_wait=60))
+    actor.start()
+    await actor.ask(Start())
+    pid = actor.pid
+    graceful = actor.ask(Shutdown())
+    forced = actor.ask(Shutdown(now=True))
+    await asyncio.wait_for(asyncio.gather(graceful, forced), 10)
+    assert actor.state == "shutdown" and pid is not None and pid_gone(pid, 0.5)
+    await stop(actor)
