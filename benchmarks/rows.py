@@ -357,23 +357,20 @@ class _Managed:
     kc: Any = None
 
 
-class Ours:
-    """kernel-supervisor."""
+class _ManagedContender:
+    """What ours and jupyter_client share: the same documented calls, timed the same way."""
 
-    name = "ours"
+    kernel: str
 
-    def __init__(self, kernel: str) -> None:
-        from supervisor import manager, supervisor
-        from supervisor.policy import RestartPolicy
+    def new_manager(self) -> Any:
+        raise NotImplementedError
 
-        self.kernel = kernel
-        self.manager = manager
-        self.Supervisor = supervisor.Supervisor
-        self.RestartPolicy = RestartPolicy
+    async def dispose(self, h: _Managed) -> None:
+        raise NotImplementedError
 
-    async def start(self) -> tuple[_Managed, float]:
+    async def start(self, factory: Callable[[], Any] | None = None) -> tuple[_Managed, float]:
         t0 = _now()
-        h = _Managed(self.manager.AsyncKernelManager(self.kernel))
+        h = _Managed(self.new_manager() if factory is None else factory())
         try:
             await h.km.start_kernel()
             h.kc = h.km.client()
@@ -398,6 +395,24 @@ class Ours:
         t0 = _now()
         await _bounded(h.km.shutdown_kernel(now=False), STEP_TIMEOUT, "shutdown_kernel")
         return _now() - t0
+
+
+class Ours(_ManagedContender):
+    """kernel-supervisor."""
+
+    name = "ours"
+
+    def __init__(self, kernel: str) -> None:
+        from supervisor import manager, supervisor
+        from supervisor.policy import RestartPolicy
+
+        self.kernel = kernel
+        self.manager = manager
+        self.Supervisor = supervisor.Supervisor
+        self.RestartPolicy = RestartPolicy
+
+    def new_manager(self) -> Any:
+        return self.manager.AsyncKernelManager(self.kernel)
 
     async def dispose(self, h: _Managed) -> None:
         if h.kc is not None:
@@ -526,7 +541,7 @@ class Ours:
 
 
 # == jupyter_client ==========================================================================
-class JupyterClient:
+class JupyterClient(_ManagedContender):
     """jupyter_client, its async and blocking managers, as documented."""
 
     name = "jupyter_client"
@@ -543,36 +558,8 @@ class JupyterClient:
         self.start_new_kernel = jupyter_client.manager.start_new_kernel
         self.AsyncMultiKernelManager = jupyter_client.multikernelmanager.AsyncMultiKernelManager
 
-    async def start(self, factory: Callable[[], Any] | None = None) -> tuple[_Managed, float]:
-        t0 = _now()
-        if factory is None:
-            h = _Managed(self.jc.AsyncKernelManager(kernel_name=self.kernel))
-        else:
-            h = _Managed(factory())
-        try:
-            await h.km.start_kernel()
-            h.kc = h.km.client()
-            h.kc.start_channels()
-            await h.kc.wait_for_ready(timeout=READY_TIMEOUT)
-        except BaseException:
-            await self.dispose(h)
-            raise
-        return h, _now() - t0
-
-    async def interrupt(self, h: _Managed) -> float:
-        return await client_interrupt(h.kc, h.km.interrupt_kernel)
-
-    async def restart(self, h: _Managed) -> float:
-        t0 = _now()
-        await _bounded(h.km.restart_kernel(), READY_TIMEOUT, "restart_kernel")
-        await h.kc.wait_for_ready(timeout=READY_TIMEOUT)
-        return _now() - t0
-
-    async def shutdown(self, h: _Managed) -> float:
-        h.kc.stop_channels()
-        t0 = _now()
-        await _bounded(h.km.shutdown_kernel(now=False), STEP_TIMEOUT, "shutdown_kernel")
-        return _now() - t0
+    def new_manager(self) -> Any:
+        return self.jc.AsyncKernelManager(kernel_name=self.kernel)
 
     @staticmethod
     def _pid(km: Any) -> int | None:
