@@ -259,13 +259,18 @@ class _HeartbeatChannel:
         self._task: asyncio.Task[None] | None = None
         self._beating = False
         self._paused = False
+        self._generation = 0  # bumped by start and stop; a task of an older one ends
 
     def _start(self, ctx: zmq.asyncio.Context, info: ConnectionInfo) -> None:
         self._beating = True
         self.beats = 0
-        self._task = asyncio.ensure_future(self._run(ctx, info))
+        self._generation += 1
+        self._task = asyncio.ensure_future(self._run(ctx, info, self._generation))
 
     def _stop(self) -> None:
+        # The flag, not only the cancel: before Python 3.12, asyncio.wait_for can
+        # swallow a cancel that lands just as the pong arrives.
+        self._generation += 1
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -277,9 +282,9 @@ class _HeartbeatChannel:
             self.socket.close(linger=0)
             self.socket = None
 
-    async def _run(self, ctx: zmq.asyncio.Context, info: ConnectionInfo) -> None:
+    async def _run(self, ctx: zmq.asyncio.Context, info: ConnectionInfo, generation: int) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while self._generation == generation:
             started = loop.time()
             if not self._paused:
                 if self.socket is None:
@@ -293,6 +298,8 @@ class _HeartbeatChannel:
                     self._beating = False
                     self._close_socket()  # a REQ socket stuck awaiting a reply: start afresh
                     continue
+                if self._generation != generation:
+                    return
                 self._beating = True
                 self.beats += 1
             # Protocol pacing, not waiting for an event: one ping per time_to_dead.

@@ -180,8 +180,14 @@ class AsyncKernelManager:
                   if f.name != "kernel_name"}
         if self._connection_file is not None:
             launch["connection_file"] = self._connection_file
-        await self._supervisor.start_kernel(self.kernel_name, kernel_id=self.kernel_id,
-                                            policy=self.policy, **launch)
+        sup = self._supervisor
+        try:
+            await sup.start_kernel(self.kernel_name, kernel_id=self.kernel_id,
+                                   policy=self.policy, **launch)
+        except BaseException:
+            if self._owns_supervisor and self.kernel_id not in sup:
+                await sup.close(now=True)  # nothing left to supervise
+            raise
 
     def _remember(self) -> None:
         actor = self._actor()

@@ -540,6 +540,9 @@ class Supervisor(Actor):
         child.status = "starting" if kind == "start" else "restarting"
         epoch = child.epoch
         waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        # Automatic restarts have no caller: mark a failure as seen so asyncio does
+        # not report it as "never retrieved" (callers still get it when they await).
+        waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
         child.waiters.append(waiter)
 
         async def run() -> None:
@@ -567,10 +570,7 @@ class Supervisor(Actor):
                 self._emit("ready", child)
             else:
                 self._emit("restarted", child, manual=msg.kind == "manual")
-            for waiter in child.waiters:
-                if not waiter.done():
-                    waiter.set_result(child.kernel_id)
-            child.waiters.clear()
+            self._settle_waiters(child)
             return
         error = msg.error
         if msg.kind == "auto":
@@ -591,6 +591,12 @@ class Supervisor(Actor):
         self._remove(child)
         if child.pooled:
             return  # the next acquire refills; no hot loop on a broken spec
+
+    def _settle_waiters(self, child: _Child) -> None:
+        for waiter in child.waiters:
+            if not waiter.done():
+                waiter.set_result(child.kernel_id)
+        child.waiters.clear()
 
     def _fail_waiters(self, child: _Child, error: BaseException) -> None:
         for waiter in child.waiters:
@@ -767,38 +773,44 @@ class Supervisor(Actor):
 
     def _on_op_done(self, msg: _OpDone) -> None:
         child = self._children.get(msg.kernel_id)
-        if child is None or child.epoch != msg.epoch:
+        if child is None:
+            return
+        current = child.epoch == msg.epoch  # no later restart/shutdown was asked since
+        if msg.op in ("interrupt", "signal"):
+            if msg.error is None:  # delivered: reported whatever came after it
+                signum = msg.args.get("signum")
+                self._emit("interrupted" if msg.op == "interrupt" else "signalled", child,
+                           status=None if signum is None else ExitStatus(None, signum),
+                           reason="requested", manual=True)
             return
         if msg.op == "restart":
             if msg.error is None:
                 child.restart_count += 1
-                child.status = "ready"
-                child.history = child.history.started(self._clock())
                 self._emit("restarted", child, manual=True)
-            else:
+                if current:
+                    child.status = "ready"
+                    child.history = child.history.started(self._clock())
+                    self._settle_waiters(child)
+            elif current:
                 child.status = "exited"
+                self._fail_waiters(child, msg.error)
                 self._emit("exited", child, reason=f"manual restart failed: {msg.error}",
                            manual=True)
                 self._decide(child, ExitStatus(1, None), f"manual restart failed: {msg.error}")
-        elif msg.op in ("shutdown", "finish_shutdown"):
-            actor = child.actor
-            restart = msg.args.get("restart") or (
-                msg.op == "finish_shutdown" and isinstance(actor, KernelActor)
-                and actor.state == "restarting")
-            if restart:
-                child.status = "stopped"
-                self._emit("shutdown", child, reason="stopped for a later start", manual=True)
-            else:
-                self._emit("shutdown", child, reason=msg.args.get("reason", "requested"),
-                           manual=True)
-                self._remove(child)
-        elif msg.op == "request_shutdown":
-            pass
-        elif msg.error is None:
-            signum = msg.args.get("signum")
-            self._emit("interrupted" if msg.op == "interrupt" else "signalled", child,
-                       status=None if signum is None else ExitStatus(None, signum),
-                       reason="requested", manual=True)
+            return
+        if not current or msg.op == "request_shutdown":
+            return
+        actor = child.actor
+        restart = msg.args.get("restart") or (
+            msg.op == "finish_shutdown" and isinstance(actor, KernelActor)
+            and actor.state == "restarting")
+        if restart:
+            child.status = "stopped"
+            self._emit("shutdown", child, reason="stopped for a later start", manual=True)
+        else:
+            self._emit("shutdown", child, reason=msg.args.get("reason", "requested"),
+                       manual=True)
+            self._remove(child)
 
     def _on_shutdown_all(self, msg: _ShutdownAll) -> asyncio.Future[None]:
         children = sorted(self._children.values(), key=lambda c: -c.order)
@@ -811,13 +823,15 @@ class Supervisor(Actor):
         sequential = self.strategy != "one_for_one"
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
+        epochs = {child.kernel_id: child.epoch for child in children}
+
         async def stop_one(child: _Child) -> None:
             with contextlib.suppress(KernelDeadError):
                 if isinstance(child.actor, Supervisor):
                     await child.actor.shutdown_all(now=msg.now)
                 else:
                     await child.actor.ask(Shutdown(now=msg.now))
-            self.tell(_OpDone(child.kernel_id, child.epoch, "shutdown", None,
+            self.tell(_OpDone(child.kernel_id, epochs[child.kernel_id], "shutdown", None,
                               {"reason": "shutdown_all"}))
 
         async def run() -> None:

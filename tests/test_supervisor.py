@@ -340,7 +340,7 @@ def test_bad_configuration_is_rejected() -> None:
 async def test_culling_spares_busy_kernels_and_honours_the_spec_override() -> None:
     """A busy kernel is not culled (cull_busy=False); metadata.cull_idle_timeout overrides."""
     events = Events()
-    async with sup(cull_idle_timeout=0.3, cull_interval=0.05) as s:
+    async with sup(cull_idle_timeout=3600, cull_interval=0.05) as s:
         s.subscribe(events)
         busy = await s.start_kernel(spec=fake_spec())
         never = await s.start_kernel(spec=fake_spec(name="keep",
@@ -354,6 +354,7 @@ async def test_culling_spares_busy_kernels_and_honours_the_spec_override() -> No
                 if msg["msg_type"] == "stream" and msg["parent_header"].get("msg_id") == msg_id:
                     break
             idle = await s.start_kernel(spec=fake_spec())
+            s.cull_idle_timeout = 0.3  # only now: the busy kernel is busy, the others idle
             await events.wait_for(lambda e: e.kind == "culled" and e.kernel_id == idle)
             assert busy in s and never in s
             assert "culled" not in events.kinds(busy) and "culled" not in events.kinds(never)
