@@ -52,6 +52,7 @@ from supervisor.client import connect_channel
 from supervisor.connection import (
     ConnectionInfo,
     connection_file_path,
+    ipc_paths,
     new_connection_info,
     remove_connection_files,
     write_connection_file,
@@ -430,6 +431,7 @@ class KernelActor(Actor):
             proc = KernelProcess.launch(
                 argv, env=env, cwd=opts.cwd, forward_stderr=opts.forward_stderr,
                 on_exit=lambda status: self.tell(ProcessExited(launched[0], status)),
+                owned_files=[str(p) for p in (self.connection_file, *ipc_paths(info))],
             )
         except KernelStartupError:
             self._teardown(keep_file=False)

@@ -118,8 +118,9 @@ class _Reaper:
                     proc.stdin.close()
                 self._proc = None
 
-    def register(self, pgid: int) -> None:
-        self._write(b"+%d\n" % pgid)
+    def register(self, pgid: int, files: Sequence[str] = ()) -> None:
+        paths = [os.fsencode(f) for f in files if "\t" not in f and "\n" not in f]
+        self._write(b"\t".join([b"+%d" % pgid, *paths]) + b"\n")
 
     def unregister(self, pgid: int) -> None:
         self._write(b"-%d\n" % pgid)
@@ -148,6 +149,7 @@ class KernelProcess:
         *,
         forward_stderr: bool,
         on_exit: Callable[[ExitStatus], None] | None,
+        owned_files: Sequence[str] = (),
     ) -> None:
         self._popen = popen
         self.pid = popen.pid
@@ -160,7 +162,7 @@ class KernelProcess:
         self._pidfd: int | None = None
         self._group_released = False
         self.exited: asyncio.Future[ExitStatus] = asyncio.get_running_loop().create_future()
-        _reaper.register(self.pgid)
+        _reaper.register(self.pgid, owned_files)
         if popen.stderr is not None:
             fd = popen.stderr.fileno()
             os.set_blocking(fd, False)
@@ -179,11 +181,14 @@ class KernelProcess:
         capture_stderr: bool = True,
         stdout: int | None = None,
         on_exit: Callable[[ExitStatus], None] | None = None,
+        owned_files: Sequence[str] = (),
     ) -> KernelProcess:
         """Start ``argv`` in a new session; must be called on the owning loop.
 
-        A missing or non-executable program raises :class:`KernelStartupError`
-        and leaves nothing behind.
+        ``owned_files`` (the connection file) are deleted by the reaper if this
+        process dies with the kernel still registered. A missing or
+        non-executable program raises :class:`KernelStartupError` and leaves
+        nothing behind.
         """
         if not argv:
             raise KernelStartupError("cannot launch a kernel: its argv is empty")
@@ -208,7 +213,8 @@ class KernelProcess:
             raise KernelStartupError(f"cannot launch {argv[0]!r}: permission denied") from exc
         except OSError as exc:
             raise KernelStartupError(f"cannot launch {argv[0]!r}: {exc}") from exc
-        return cls(popen, forward_stderr=forward_stderr, on_exit=on_exit)
+        return cls(popen, forward_stderr=forward_stderr, on_exit=on_exit,
+                   owned_files=owned_files)
 
     # -- state -------------------------------------------------------------
     @property

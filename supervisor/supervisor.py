@@ -170,6 +170,7 @@ class _Child:
     epoch: int = 0
     timer: object | None = None
     waiters: list[asyncio.Future[str]] = field(default_factory=list)
+    deferred_exit: ChildExited | None = None
 
     @property
     def kernel_name(self) -> str:
@@ -538,6 +539,7 @@ class Supervisor(Actor):
         """Ask the child to (re)start through the start gate; report back by message."""
         child.epoch += 1
         child.status = "starting" if kind == "start" else "restarting"
+        child.deferred_exit = None
         epoch = child.epoch
         waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         # Automatic restarts have no caller: mark a failure as seen so asyncio does
@@ -597,6 +599,9 @@ class Supervisor(Actor):
             if not waiter.done():
                 waiter.set_result(child.kernel_id)
         child.waiters.clear()
+        deferred, child.deferred_exit = child.deferred_exit, None
+        if deferred is not None:
+            self._on_child_exited(deferred)
 
     def _fail_waiters(self, child: _Child, error: BaseException) -> None:
         for waiter in child.waiters:
@@ -617,7 +622,14 @@ class Supervisor(Actor):
     # -- exits and restarts -------------------------------------------------------------------
     def _on_child_exited(self, msg: ChildExited) -> None:
         child = self._children.get(msg.kernel_id)
-        if child is None or child.status != "ready":
+        if child is None:
+            return
+        if child.status in ("starting", "restarting"):
+            # The kernel died right after answering: its start's completion is
+            # still on its way. Judge the exit once the kernel counts as ready.
+            child.deferred_exit = msg
+            return
+        if child.status != "ready":
             return
         child.status = "exited"
         reason = msg.reason or msg.status.describe()
@@ -732,6 +744,7 @@ class Supervisor(Actor):
             self._cancel_timer(child)
             child.epoch += 1
             child.status = "restarting"
+            child.deferred_exit = None
             request = Restart(now=args["now"], newports=args["newports"],
                               overrides=args["overrides"])
             self._emit("restarting", child, reason="requested", manual=True)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,7 @@ import psutil
 import pytest
 
 if TYPE_CHECKING:
+    from supervisor.events import KernelEvent
     from supervisor.kernelspec import KernelSpec
 
 HERE = Path(__file__).resolve().parent
@@ -88,10 +90,44 @@ def pid_gone(pid: int, timeout: float = 5.0) -> bool:
 
     try:
         fd = os.pidfd_open(pid)
-    except ProcessLookupError:
+    except (ProcessLookupError, FileNotFoundError):  # gone (or the id is now a thread's)
         return True
     try:
         ready, _, _ = select.select([fd], [], [], timeout)
         return bool(ready)
     finally:
         os.close(fd)
+
+
+class Events:
+    """An async listener that records events and lets a test wait for the ones it expects."""
+
+    def __init__(self) -> None:
+        self.seen: list[KernelEvent] = []
+        self._changed = asyncio.Event()
+
+    async def __call__(self, event: KernelEvent) -> None:
+        self.seen.append(event)
+        self._changed.set()
+
+    async def wait_for(self, predicate: Callable[[KernelEvent], bool], timeout: float = 20,
+                       count: int = 1) -> list[KernelEvent]:
+        async def matching() -> list[KernelEvent]:
+            while True:
+                found = [e for e in self.seen if predicate(e)]
+                if len(found) >= count:
+                    return found
+                self._changed.clear()
+                await self._changed.wait()
+        return await asyncio.wait_for(matching(), timeout)
+
+    async def wait_until(self, condition: Callable[[], bool], timeout: float = 20) -> None:
+        """Re-check ``condition`` after every event until it holds."""
+        async def loop() -> None:
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+        await asyncio.wait_for(loop(), timeout)
+
+    def kinds(self, kernel_id: str | None = None) -> list[str]:
+        return [e.kind for e in self.seen if kernel_id is None or e.kernel_id == kernel_id]

@@ -6,11 +6,10 @@ import asyncio
 import os
 import signal
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import fake_kernel_spec_dir, fake_spec, pid_gone
+from conftest import Events, fake_kernel_spec_dir, fake_spec, pid_gone
 from structlog.testing import capture_logs
 
 from supervisor.errors import ConfigurationError, KernelLimitError, KernelStartupError
@@ -21,32 +20,6 @@ from supervisor.supervisor import Supervisor
 
 QUIET = LaunchOptions(forward_stderr=False, startup_timeout=20, shutdown_wait=1, terminate_wait=1)
 NO_WAIT = Backoff(initial=0.01, maximum=0.05, jitter=0.0)
-
-
-class Events:
-    """An async listener that lets a test wait for the event it expects."""
-
-    def __init__(self) -> None:
-        self.seen: list[KernelEvent] = []
-        self._changed = asyncio.Event()
-
-    async def __call__(self, event: KernelEvent) -> None:
-        self.seen.append(event)
-        self._changed.set()
-
-    async def wait_for(self, predicate: Callable[[KernelEvent], bool], timeout: float = 20,
-                       count: int = 1) -> list[KernelEvent]:
-        async def matching() -> list[KernelEvent]:
-            while True:
-                found = [e for e in self.seen if predicate(e)]
-                if len(found) >= count:
-                    return found
-                self._changed.clear()
-                await self._changed.wait()
-        return await asyncio.wait_for(matching(), timeout)
-
-    def kinds(self, kernel_id: str | None = None) -> list[str]:
-        return [e.kind for e in self.seen if kernel_id is None or e.kernel_id == kernel_id]
 
 
 def sup(**kw: Any) -> Supervisor:
