@@ -231,7 +231,6 @@ class Supervisor(Actor):
         self._restarts = 0
         self._gave_up = 0
         self.parent: Supervisor | None = None
-        self._failed = False
         self._culler: PeriodicCallback | None = None
         self._log = log.bind(supervisor=self.name)
 
@@ -689,7 +688,6 @@ class Supervisor(Actor):
         self._emit("gave_up", child, status=status, reason=why)
         if self.parent is not None:
             # Escalate: this whole supervisor fails, its parent decides.
-            self._failed = True
             for member in sorted(self._children.values(), key=lambda c: -c.order):
                 self._cancel_timer(member)
                 member.epoch += 1
@@ -708,7 +706,6 @@ class Supervisor(Actor):
 
     def _on_revive(self) -> asyncio.Future[str]:
         """Parent's restart of this (nested) supervisor: start every child afresh."""
-        self._failed = False
         waiters = [
             self._begin(c, "auto", Start() if isinstance(c.actor, KernelActor) else _Revive())
             for c in sorted(self._children.values(), key=lambda c: c.order)]
