@@ -81,7 +81,6 @@ async def test_strategies_restart_exactly_the_right_siblings(strategy: str,
         for kid in "abc":
             await s.start_kernel(kernel_id=kid, spec=fake_spec())
         pids = {kid: s.actor_of(kid).pid for kid in "abc"}
-        s.signal_kernel  # noqa: B018 - the crash below is a real signal, not an API call
         os.kill(pids["b"] or 0, signal.SIGKILL)
         await events.wait_for(lambda e: e.kind == "restarted", count=len(expect))
         restarted = {e.kernel_id for e in events.seen if e.kind == "restarted"}
@@ -281,7 +280,7 @@ async def test_shutdown_kernel_cancels_a_pending_start() -> None:
     async with sup() as s:
         start = asyncio.ensure_future(s.start_kernel(kernel_id="slow",
                                                      spec=fake_spec("--slow-start", "30")))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one turn: the start's ask is queued first (FIFO), no waiting
         await s.shutdown_kernel("slow")
         with pytest.raises(KernelStartupError, match="cancelled"):
             await start
