@@ -33,17 +33,17 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import structlog
 from tornado.ioloop import IOLoop
 from tornado.queues import Queue
 
+from supervisor._log import get_logger
 from supervisor.errors import KernelClosedError, KernelStateError
 
 __all__ = ["Actor", "Stop", "background_loop", "run_blocking"]
 
 T = TypeVar("T")
 
-log = structlog.get_logger("supervisor.actor")
+log = get_logger("supervisor.actor")
 _ids = itertools.count(1)
 
 

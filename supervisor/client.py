@@ -38,10 +38,10 @@ from inspect import isawaitable
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-import structlog
 import zmq
 import zmq.asyncio
 
+from supervisor._log import get_logger
 from supervisor.actor import in_background_thread, run_blocking
 from supervisor.connection import ConnectionInfo, read_connection_file
 from supervisor.errors import (
@@ -69,7 +69,7 @@ _SOCKET_TYPES = {
 _ASK_AGAIN = 0.25  # s after a kernel_info_reply without IOPub traffic: ask again
 _ASK_AGAIN_UNANSWERED = 1.0  # s after an unanswered kernel_info_request: ask again
 
-log = structlog.get_logger("supervisor.client")
+log = get_logger("supervisor.client")
 
 
 def connect_channel(

@@ -33,14 +33,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
 from tornado.ioloop import IOLoop
 
+from supervisor._log import get_logger
 from supervisor.errors import KernelStartupError
 
 __all__ = ["ExitStatus", "KernelProcess", "reaper_pid"]
 
-log = structlog.get_logger("supervisor.process")
+log = get_logger("supervisor.process")
 
 _TAIL_BYTES = 16384
 

@@ -35,9 +35,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import structlog
 from tornado.ioloop import PeriodicCallback
 
+from supervisor._log import get_logger
 from supervisor.actor import Actor
 from supervisor.client import KernelClient
 from supervisor.connection import ConnectionInfo
@@ -68,7 +68,7 @@ from supervisor.startgate import StartGate
 
 __all__ = ["STRATEGIES", "KernelHandle", "Supervisor", "SupervisorStatistics"]
 
-log = structlog.get_logger("supervisor.supervisor")
+log = get_logger("supervisor.supervisor")
 
 STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
 _ACTIVE = ("starting", "ready", "restarting", "backoff", "stopping")

@@ -341,5 +341,5 @@ def test_bench_without_the_suite_is_a_clear_error(tmp_path: Path) -> None:
                     ignore=shutil.ignore_patterns("__pycache__"))
     done = cli(tmp_path, "bench", cwd=tmp_path)
     assert done.returncode == 1
-    assert done.stderr.startswith("error: the benchmark suite is not importable")
+    assert done.stderr.startswith("error: no benchmark suite here")
     assert len(done.stderr.splitlines()) == 1

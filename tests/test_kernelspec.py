@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from structlog.testing import capture_logs
 
+from supervisor._log import capture_logs
 from supervisor.errors import KernelSpecError, NoSuchKernel
 from supervisor.kernelspec import (
     NAME_PATTERN,

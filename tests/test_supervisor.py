@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 from conftest import Events, fake_kernel_spec_dir, fake_spec, pid_gone
-from structlog.testing import capture_logs
 
+from supervisor._log import capture_logs
 from supervisor.errors import ConfigurationError, KernelLimitError, KernelStartupError
 from supervisor.events import KernelEvent
 from supervisor.kernel import LaunchOptions
