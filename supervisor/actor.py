@@ -197,8 +197,13 @@ class Actor:
 
     # -- internals ---------------------------------------------------------
     def _dead_error(self, msg: object) -> KernelClosedError:
+        what = type(msg).__name__.lstrip("_")
+        if self._state == "new":
+            return KernelClosedError(
+                f"{self.name} was never started: call its start() (or use it as "
+                f"'async with ...') before asking it anything ({what})")
         reason = self._stop_reason or "it is not running"
-        return KernelClosedError(f"{self.name} cannot take {type(msg).__name__}: {reason}")
+        return KernelClosedError(f"{self.name} cannot take {what}: {reason}")
 
     async def _run(self) -> None:
         try:

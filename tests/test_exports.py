@@ -10,7 +10,8 @@ import supervisor
 
 PACKAGE = Path(supervisor.__file__).parent
 LAYERS = ["errors", "wire", "connection", "kernelspec", "process", "actor", "client", "kernel",
-          "policy", "events", "startgate", "supervisor", "manager", "cli"]
+          "policy", "events", "startgate", "children", "supervision", "pool", "supervisor", "manager",
+          "cli"]
 
 
 def test_all_lists_exactly_the_public_names() -> None:

@@ -348,3 +348,15 @@ async def test_cull_busy_culls_busy_kernels_too() -> None:
             await events.wait_for(lambda e: e.kind == "culled" and e.kernel_id == kid)
         finally:
             kc.stop_channels()
+
+
+async def test_a_supervisor_never_started_says_what_to_do() -> None:
+    """Using a Supervisor before start() fails at once with a typed error that says to start it,
+    and names no internal message class."""
+    from supervisor.errors import KernelClosedError
+
+    sup = Supervisor(name="unstarted")
+    with pytest.raises(KernelClosedError, match=r"unstarted was never started: call its start\(\)"
+                       ) as err:
+        await sup.start_kernel(spec=fake_spec())
+    assert "_StartChild" not in str(err.value)

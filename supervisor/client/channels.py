@@ -50,7 +50,6 @@ _SOCKET_TYPES = {
 }
 
 
-
 def connect_channel(
     ctx: zmq.asyncio.Context,
     info: ConnectionInfo,
