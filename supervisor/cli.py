@@ -448,7 +448,7 @@ def _kill_now(sup: Supervisor) -> None:
         with contextlib.suppress(KernelStateError):
             proc = sup.actor_of(kid).process
             if proc is not None:
-                proc.kill()
+                proc.kill_tree()
 
 
 async def _run(args: argparse.Namespace, code: str, forward_stderr: bool) -> int:

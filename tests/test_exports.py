@@ -9,8 +9,16 @@ from pathlib import Path
 import supervisor
 
 PACKAGE = Path(supervisor.__file__).parent
-LAYERS = ["errors", "wire", "connection", "kernelspec", "process", "actor", "client", "kernel",
-          "policy", "events", "startgate", "supervisor", "manager", "cli"]
+LAYERS = ["errors", "wire", "connection", "kernelspec", "launchers", "process", "actor", "client",
+          "kernel", "policy", "events", "startgate", "supervisor", "manager", "cli"]
+
+
+def layer_files(layer: str) -> list[Path]:
+    """The files of one layer: a module, or every module of a subpackage."""
+    if (PACKAGE / layer).is_dir():
+        return sorted((PACKAGE / layer).rglob("*.py"))
+    path = PACKAGE / f"{layer}.py"
+    return [path] if path.exists() else []
 
 
 def test_all_lists_exactly_the_public_names() -> None:
@@ -27,20 +35,27 @@ def test_all_lists_exactly_the_public_names() -> None:
 def test_layers_import_only_layers_above_them() -> None:
     """A module imports only modules earlier in the layer list (errors from anywhere)."""
     for index, layer in enumerate(LAYERS):
-        path = PACKAGE / f"{layer}.py"
-        if not path.exists():
-            continue
-        allowed = set(LAYERS[:index]) | {"errors", "_reaper"}
+        allowed = set(LAYERS[:index + 1]) | {"errors"}
+        for path in layer_files(layer):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
+                        "supervisor."):
+                    target = node.module.split(".")[1]
+                    assert target in allowed, f"{path.name} ({layer}) imports {target}"
+
+
+def test_launchers_need_nothing_above_them() -> None:
+    """The launcher room imports only errors and itself, so any launcher can plug in below."""
+    for path in layer_files("launchers"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
                     "supervisor."):
-                target = node.module.split(".")[1]
-                assert target in allowed, f"{layer} imports {target}"
+                assert node.module.split(".")[1] in ("errors", "launchers"), path.name
 
 
 def test_no_jupyter_runtime_dependencies() -> None:
     """Nothing in supervisor/ imports jupyter_client, traitlets or ipykernel."""
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names = []
@@ -56,8 +71,9 @@ def test_no_jupyter_runtime_dependencies() -> None:
 
 def test_every_module_says_who_owns_its_objects() -> None:
     """Each module has a docstring (thread/loop ownership is stated there)."""
-    for path in PACKAGE.glob("*.py"):
-        module = importlib.import_module(f"supervisor.{path.stem}") if path.stem != "__main__" \
-            else None
-        if module is not None:
-            assert module.__doc__, path.name
+    for path in PACKAGE.rglob("*.py"):
+        if path.stem == "__main__":
+            continue
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        assert importlib.import_module(name).__doc__, name
