@@ -61,6 +61,7 @@ from supervisor.kernel import (
     Signal,
     Start,
 )
+from supervisor.launchers import Resources
 from supervisor.policy import ExitInfo, GiveUp, RestartHistory, RestartPolicy, decide
 from supervisor.policy import Restart as RestartDecision
 from supervisor.process import ExitStatus
@@ -87,6 +88,7 @@ class SupervisorStatistics:
     pool: Mapping[str, int]
     pool_target: Mapping[str, int]
     events: int
+    resources: Mapping[str, Resources] = field(default_factory=dict)
 
 
 # -- internal messages ------------------------------------------------------------
@@ -416,7 +418,12 @@ class Supervisor(Actor):
         """A frozen snapshot of counts by state, restarts, pool and pending starts."""
         by_state: dict[str, int] = {}
         pool: dict[str, int] = dict.fromkeys(self.warm, 0)
+        resources: dict[str, Resources] = {}
         for child in self._children.values():
+            if isinstance(child.actor, KernelActor):
+                figures = child.actor.resources()
+                if figures is not None:
+                    resources[child.kernel_id] = figures
             by_state[child.status] = by_state.get(child.status, 0) + 1
             if child.pooled and child.status == "ready":
                 pool[child.kernel_name] = pool.get(child.kernel_name, 0) + 1
@@ -425,6 +432,7 @@ class Supervisor(Actor):
             by_state=MappingProxyType(by_state), pending_starts=self._gate.pending,
             restarts=self._restarts, gave_up=self._gave_up, pool=MappingProxyType(pool),
             pool_target=MappingProxyType(dict(self.warm)), events=self._events.delivered,
+            resources=MappingProxyType(resources),
         )
 
     def actor_of(self, kernel_id: str) -> KernelActor:
@@ -491,6 +499,7 @@ class Supervisor(Actor):
             supervisor=self.name, kernel_name=child.kernel_name if child else "",
             exit_code=status.exit_code if status else None,
             signal=status.signal if status else None, reason=reason,
+            cause=status.cause if status else "", oom=status.oom if status else False,
             restart_count=child.restart_count if child else 0, delay=delay, manual=manual,
             at=self._clock(),
         )
@@ -643,7 +652,10 @@ class Supervisor(Actor):
             self._give_up(child, status, decision.reason)
             return
         if not isinstance(decision, RestartDecision):
-            self._emit("dead", child, status=status, reason=f"not restarted: {decision.reason}")
+            why = f"not restarted: {decision.reason}"
+            if status.cause or status.tree_ended:
+                why = f"{why}; last exit: {status.describe()}"
+            self._emit("dead", child, status=status, reason=why)
             self._remove(child)
             return
         child.history = child.history.restarted(now, child.policy)
@@ -692,12 +704,15 @@ class Supervisor(Actor):
                 self._cancel_timer(member)
                 member.epoch += 1
                 member.status = "failed"
-                member.actor.tell(Shutdown(now=True)) if isinstance(member.actor, KernelActor) \
+                member.actor.tell(Shutdown(now=True, cause="gave up")) \
+                    if isinstance(member.actor, KernelActor) \
                     else member.actor.tell(_ShutdownAll(now=True))
             self._emit("gave_up", None, reason=f"{child.kernel_id}: {why}")
             self.parent.tell(ChildExited(self.name, ExitStatus(1, None), 0.0,
                                          reason=f"nested supervisor {self.name} gave up: {why}"))
             return
+        if status.cause or status.tree_ended:
+            why = f"{why}; last exit: {status.describe()}"
         for kid in ([child.kernel_id] if isinstance(child.actor, KernelActor)
                     else child.actor.all_kernel_ids()):
             self._emit("dead", child, kernel_id=kid, status=status, reason=why)
@@ -751,7 +766,8 @@ class Supervisor(Actor):
             child.status = "stopping"
             self._fail_waiters(child, KernelStartupError(
                 f"start of kernel {child.kernel_id} cancelled by a shutdown"))
-            request = Shutdown(now=args["now"], restart=args["restart"])
+            request = Shutdown(now=args["now"], restart=args["restart"],
+                               cause=args.get("reason", ""))
         elif msg.op == "request_shutdown":
             self._cancel_timer(child)
             child.epoch += 1
@@ -818,8 +834,10 @@ class Supervisor(Actor):
             child.status = "stopped"
             self._emit("shutdown", child, reason="stopped for a later start", manual=True)
         else:
-            self._emit("shutdown", child, reason=msg.args.get("reason", "requested"),
-                       manual=True)
+            reason = msg.args.get("reason", "requested")
+            last = actor.last_exit if isinstance(actor, KernelActor) else None
+            self._emit("shutdown", child, status=last, manual=True,
+                       reason=reason if last is None else f"{reason} ({last.describe()})")
             self._remove(child)
 
     def _on_shutdown_all(self, msg: _ShutdownAll) -> asyncio.Future[None]:
