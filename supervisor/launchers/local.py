@@ -334,6 +334,9 @@ class LocalProcess:
         if not self._released:
             leftovers = [p for p in self.pids() if p != self.pid]
             self.kill_tree()
+            if group is not None and self._token is not None:
+                # Forked in the microseconds before the kernel joined its cgroup.
+                self._ended.update(tree.kill(self._token))
             self._ended.update(leftovers)
             self._ended.discard(self.pid)
             await _wait_gone(self._ended, _GONE_TIMEOUT)
