@@ -53,6 +53,7 @@ log = structlog.get_logger("supervisor.launchers.local")
 
 _TAIL_BYTES = 16384
 _GONE_TIMEOUT = 5.0
+_FIGURES_AGE = 1.0  # seconds a /proc scan serves the resource figures of every kernel
 
 
 class LocalLauncher:
@@ -227,14 +228,18 @@ class LocalProcess:
         text = self._tail.decode("utf-8", "replace")
         return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
-    def pids(self) -> list[int]:
-        """The live processes of the kernel's tree (the kernel first while it runs)."""
+    def pids(self, *, max_age: float = 0.0) -> list[int]:
+        """The live processes of the kernel's tree (the kernel first while it runs).
+
+        Without a cgroup, ``max_age`` > 0 accepts a ``/proc`` scan that old.
+        """
         if self._released:
             return []
         if self._cgroup is not None:
             found = self._cgroup.pids()
         elif self._token is not None:
-            found = tree.find(self._token)
+            found = (tree.census(max_age, self._token).get(self._token, []) if max_age > 0
+                     else tree.find(self._token))
         else:
             found = []
         head = [self.pid] if self.running else []
@@ -250,10 +255,9 @@ class LocalProcess:
             cpu = group.cpu_seconds()
             count: int | None = group.count()
         else:
-            pids = self.pids()
-            count = len(pids)
+            count = len(self.pids(max_age=_FIGURES_AGE))
         if memory is None or cpu is None:
-            pids = self.pids()
+            pids = self.pids(max_age=_FIGURES_AGE)
             memory = tree.rss(pids) if memory is None else memory
             cpu = tree.cpu_seconds(pids) if cpu is None else cpu
         return Resources(memory=memory, memory_peak=peak, memory_limit=self.limits.memory,

@@ -17,13 +17,15 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Iterable
 
-__all__ = ["TREE_ENV", "cpu_seconds", "find", "kill", "rss"]
+__all__ = ["TREE_ENV", "census", "cpu_seconds", "find", "kill", "rss"]
 
 TREE_ENV = "KERNEL_SUPERVISOR_TREE"
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_census: tuple[float, dict[str, list[int]]] = (float("-inf"), {})
 
 
 def find(token: str) -> list[int]:
@@ -44,6 +46,43 @@ def find(token: str) -> list[int]:
             continue
         if marker in data and any(entry == marker for entry in data.split(b"\0")):
             found.append(int(name))
+    return found
+
+
+def census(max_age: float = 1.0, token: str | None = None) -> dict[str, list[int]]:
+    """Every marked process by token, from one ``/proc`` scan reused for ``max_age`` s.
+
+    For figures (``statistics()`` of many kernels costs one scan, not one per
+    kernel); a ``token`` missing from the last scan (a new kernel) forces a
+    new one; ending a tree always scans afresh (:func:`find`).
+    """
+    global _census
+    now = time.monotonic()
+    at, found = _census
+    if now - at <= max_age and (token is None or token in found):
+        return found
+    prefix = f"{TREE_ENV}=".encode()
+    found = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        names = []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        if prefix not in data:
+            continue
+        for entry in data.split(b"\0"):
+            if entry.startswith(prefix):
+                found.setdefault(entry[len(prefix):].decode("ascii", "replace"), []).append(
+                    int(name))
+                break
+    _census = (now, found)
     return found
 
 
