@@ -10,15 +10,8 @@ import supervisor
 
 PACKAGE = Path(supervisor.__file__).parent
 LAYERS = ["errors", "wire", "connection", "kernelspec", "launchers", "process", "actor", "client",
-          "kernel", "policy", "events", "startgate", "supervisor", "manager", "cli"]
-
-
-def layer_files(layer: str) -> list[Path]:
-    """The files of one layer: a module, or every module of a subpackage."""
-    if (PACKAGE / layer).is_dir():
-        return sorted((PACKAGE / layer).rglob("*.py"))
-    path = PACKAGE / f"{layer}.py"
-    return [path] if path.exists() else []
+          "kernel", "policy", "events", "startgate", "children", "supervision", "pool", "supervisor",
+          "manager", "cli"]
 
 
 def test_all_lists_exactly_the_public_names() -> None:
@@ -34,23 +27,30 @@ def test_all_lists_exactly_the_public_names() -> None:
 
 def test_layers_import_only_layers_above_them() -> None:
     """A module imports only modules earlier in the layer list (errors from anywhere)."""
+    seen = set()
     for index, layer in enumerate(LAYERS):
-        allowed = set(LAYERS[:index + 1]) | {"errors"}
-        for path in layer_files(layer):
+        room = PACKAGE / layer
+        paths = sorted(room.rglob("*.py")) if room.is_dir() else [PACKAGE / f"{layer}.py"]
+        assert paths[0].exists(), f"layer {layer} has no module"
+        allowed = set(LAYERS[:index]) | {layer, "errors", "_log", "_reaper"}
+        for path in paths:
+            seen.add(path)
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
                         "supervisor."):
                     target = node.module.split(".")[1]
-                    assert target in allowed, f"{path.name} ({layer}) imports {target}"
+                    assert target in allowed, f"{path.relative_to(PACKAGE)} imports {target}"
+    private = {PACKAGE / n for n in ("__init__.py", "__main__.py", "_log.py")}
+    assert set(PACKAGE.rglob("*.py")) - seen - private == set(), "a module outside the layers"
 
 
 def test_launchers_need_nothing_above_them() -> None:
-    """The launcher room imports only errors and itself, so any launcher can plug in below."""
-    for path in layer_files("launchers"):
+    """The launcher room imports only errors, logging and itself, so launchers plug in below."""
+    for path in (PACKAGE / "launchers").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
                     "supervisor."):
-                assert node.module.split(".")[1] in ("errors", "launchers"), path.name
+                assert node.module.split(".")[1] in ("errors", "_log", "launchers"), path.name
 
 
 def test_no_jupyter_runtime_dependencies() -> None:
@@ -74,6 +74,7 @@ def test_every_module_says_who_owns_its_objects() -> None:
     for path in PACKAGE.rglob("*.py"):
         if path.stem == "__main__":
             continue
-        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        assert importlib.import_module(name).__doc__, name
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        name = ".".join(("supervisor", *parts[:-1])) if parts[-1] == "__init__" \
+            else ".".join(("supervisor", *parts))
+        assert importlib.import_module(name).__doc__, path.name

@@ -38,9 +38,9 @@ import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import structlog
 from tornado.ioloop import IOLoop
 
+from supervisor._log import get_logger
 from supervisor.errors import KernelStartupError
 from supervisor.launchers import tree
 from supervisor.launchers.base import ExitStatus, LaunchRequest, Resources, format_bytes
@@ -49,7 +49,7 @@ from supervisor.launchers.reaper import reaper
 
 __all__ = ["LocalLauncher", "LocalProcess"]
 
-log = structlog.get_logger("supervisor.launchers.local")
+log = get_logger("supervisor.launchers.local")
 
 _TAIL_BYTES = 16384
 _GONE_TIMEOUT = 5.0

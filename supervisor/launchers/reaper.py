@@ -7,6 +7,7 @@ starts its own sidecar.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import subprocess
@@ -15,11 +16,11 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-import structlog
+from supervisor._log import get_logger
 
 __all__ = ["Reaper", "reaper", "reaper_pid"]
 
-log = structlog.get_logger("supervisor.launchers.reaper")
+log = get_logger("supervisor.launchers.reaper")
 
 
 def _clean(value: str) -> bytes | None:
@@ -52,7 +53,25 @@ class Reaper:
             self._proc = None
             return None
         self._owner_pid = os.getpid()
+        atexit.register(self._close, self._proc)
         return self._proc
+
+    def _close(self, proc: subprocess.Popen[bytes]) -> None:
+        """At interpreter exit: close our end of the pipe and reap the sidecar.
+
+        The sidecar sees end of file, ends what is still registered and exits,
+        so nothing is left behind and no Popen or pipe is left to the garbage
+        collector. A forked child (other owner) only closes its copy of the pipe.
+        """
+        with self._lock:
+            if proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+            if self._owner_pid == os.getpid():
+                with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+                    proc.wait(timeout=6)  # its own deadline for ending trees is 5 s
+            if self._proc is proc:
+                self._proc = None
 
     def _write(self, line: bytes) -> None:
         with self._lock:
