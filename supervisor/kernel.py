@@ -71,10 +71,11 @@ from supervisor.launchers import (
     Launcher,
     LaunchRequest,
     Limits,
-    LocalLauncher,
     ProcessHandle,
+    RemoteHandle,
     Resources,
 )
+from supervisor.launchers.choose import check_launcher, choose_launcher
 from supervisor.wire import Message, Session
 
 __all__ = [
@@ -111,7 +112,6 @@ def _kill_leftovers_at_exit() -> None:
         if actor.state != "shutdown":
             remove_connection_files(actor.connection_file, actor.connection_info)
 _ENCRYPTION_MODES = ("disabled", "auto", "required")
-_default_launcher = LocalLauncher()
 
 
 # -- messages -------------------------------------------------------------------
@@ -207,7 +207,8 @@ class LaunchOptions:
     contain: str = "auto"
     memory_limit: str | int | None = None
     cpu_limit: float | str | None = None
-    launcher: Launcher | None = None
+    launcher: Launcher | str | None = None
+    slurm_options: Mapping[str, object] | None = None
 
     def __post_init__(self) -> None:
         for name in ("startup_timeout", "shutdown_wait", "exit_grace", "terminate_wait"):
@@ -223,6 +224,7 @@ class LaunchOptions:
             raise ConfigurationError(f"contain must be one of {CONTAIN_MODES}, not "
                                      f"{self.contain!r}")
         Limits.parse(self.memory_limit, self.cpu_limit)  # a bad value fails here, named
+        check_launcher(self.launcher, self.slurm_options)
         if self.transport not in ("tcp", "ipc"):
             raise ConfigurationError(f"transport must be 'tcp' or 'ipc', not {self.transport!r}")
         raw: tuple[object, object] = (self.extra_arguments, self.kernel_cmd)
@@ -485,8 +487,10 @@ class KernelActor(Actor):
                 argv=argv, env=env, cwd=opts.cwd, forward_stderr=opts.forward_stderr,
                 owned_files=[str(p) for p in (self.connection_file, *ipc_paths(info))],
                 contain=contain, limits=limits, label=self.kernel_id,
+                connection_file=str(self.connection_file),
             )
-            launcher = opts.launcher or _default_launcher
+            launcher = choose_launcher(opts.launcher, opts.slurm_options, spec.metadata,
+                                       spec.name)
             proc = launcher.launch(
                 request, lambda status: self.tell(ProcessExited(launched[0], status)))
         except (KernelStartupError, KernelSpecError):
@@ -497,7 +501,11 @@ class KernelActor(Actor):
         self._log = self._log.bind(pid=proc.pid)
         self._log.debug("actor.launched", argv=argv)
         try:
-            await self._wait_ready(proc, info, opts.startup_timeout)
+            timeout = opts.startup_timeout
+            if isinstance(proc, RemoteHandle):  # the kernel says where it is, once it runs
+                info = await self._wait_remote(proc, info, timeout)
+                timeout = max(0.0, timeout - (time.monotonic() - t0))
+            await self._wait_ready(proc, info, timeout)
         except _PortClash:
             await self._kill_and_reap(proc)
             self._teardown(keep_file=True)
@@ -510,6 +518,27 @@ class KernelActor(Actor):
         self.started_at = time.monotonic()
         self._log.debug("actor.ready", seconds=round(self.started_at - t0, 4))
         return self.kernel_info
+
+    async def _wait_remote(self, proc: RemoteHandle, info: ConnectionInfo,
+                           timeout: float) -> ConnectionInfo:
+        """Wait for a remote kernel's address (racing a cancel); rewrite our file with it."""
+        where = asyncio.ensure_future(proc.wait_connection(info, timeout))
+        abort = asyncio.ensure_future(self._abort.wait())
+        try:
+            await asyncio.wait({where, abort}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in (where, abort):
+                if not fut.done():
+                    fut.cancel()
+            await asyncio.gather(where, abort, return_exceptions=True)
+        if not where.done() or where.cancelled():
+            raise KernelStartupError(
+                f"start of kernel {self.kernel_id} cancelled: a shutdown was requested")
+        remote: ConnectionInfo = where.result()
+        self.connection_info = remote
+        write_connection_file(remote, self.connection_file)
+        self._log = self._log.bind(ip=remote.ip)
+        return remote
 
     async def _wait_ready(self, proc: ProcessHandle, info: ConnectionInfo, timeout: float) -> None:
         """Race readiness against the process exiting, a cancel, and the timeout."""

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from supervisor.connection import ConnectionInfo
 from supervisor.errors import ConfigurationError
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "Launcher",
     "Limits",
     "ProcessHandle",
+    "RemoteHandle",
     "Resources",
     "format_bytes",
     "parse_cpu_limit",
@@ -192,6 +194,7 @@ class LaunchRequest:
     contain: str = "auto"
     limits: Limits = field(default_factory=Limits)
     label: str = ""
+    connection_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.contain not in CONTAIN_MODES:
@@ -233,6 +236,21 @@ class ProcessHandle(Protocol):
     async def cleanup(self, cause: str = "") -> ExitStatus: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class RemoteHandle(ProcessHandle, Protocol):
+    """A handle whose kernel runs elsewhere and says where once it runs (Slurm).
+
+    ``wait_connection(info, timeout)`` returns ``info`` with the address and
+    ports the kernel bound on its node (same key), or raises
+    :class:`~supervisor.errors.KernelStartupError` when the job ends first or
+    ``timeout`` passes (the launcher then has already cancelled it).
+    """
+
+    async def wait_connection(self, info: ConnectionInfo, timeout: float) -> ConnectionInfo: ...
+
+    def describe_state(self) -> str: ...
 
 
 class Launcher(Protocol):

@@ -1,0 +1,634 @@
+"""The Slurm launcher: each kernel is a Slurm job step on a compute node, under supervision.
+
+``SlurmLauncher(options={"partition": "debug", "nodelist": "node2", "time":
+"1:00:00", "mem": "2G"})`` starts a kernel as ``srun --disable-status
+--ntasks=1 --OPTION=VALUE... python _slurmnode.py KERNEL_ARGV``. Options are
+srun's long options, written without the dashes (``True`` for a bare flag).
+
+How the pieces fit:
+
+* The local handle is the ``srun`` process (its own session), so the handle's
+  exit *is* the kernel's: srun returns when the step's task ends (an event on
+  a pidfd, never a poll). ``--disable-status`` makes srun forward SIGINT to the
+  task at once, so an interrupt is one signal.
+* srun's stderr is read on the loop. "job N queued and waiting for resources"
+  makes the handle *pending* (a state with Slurm's reason, "pending:
+  Resources", fetched with ``squeue`` then, and again every few seconds while
+  it lasts, bounded); "has been allocated resources" ends it.
+* On the node, :mod:`._slurmnode` chooses the node's address and ports, writes
+  the connection file there and reports back over the authenticated channel of
+  :mod:`.slurmreport`; :meth:`SlurmProcess.wait_connection` returns the
+  kernel's :class:`ConnectionInfo` at the node's address. The startup timeout
+  covers pending time: a job still pending then is cancelled and the start
+  fails saying why.
+* Ending: :meth:`kill_tree` is ``scancel`` (by job id, or by the job's unique
+  name before the id is known); :meth:`cleanup` waits for srun, then reads
+  the job's final record (``scontrol show job``) and names the death: cancelled,
+  time limit, node failure, out of memory, failed with a signal.
+* Nothing outlives the supervising process: the job reaper sidecar
+  (:mod:`._slurmreaper`) cancels every registered job when we die, even by
+  SIGKILL, and the node side kills its kernel when the report link closes.
+
+Threading: a :class:`SlurmProcess` and its report server belong to the loop
+that launched it. A :class:`SlurmLauncher` holds configuration, counters and
+one report server per loop; share it between loops freely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from tornado.ioloop import IOLoop
+
+from supervisor._log import get_logger
+from supervisor.connection import CHANNELS, ConnectionInfo, read_connection_file
+from supervisor.errors import ConfigurationError, KernelStartupError
+from supervisor.launchers import slurmjobs
+from supervisor.launchers.base import ExitStatus, LaunchRequest, Resources
+from supervisor.launchers.slurmreport import Expected, ReportCounts, ReportServer
+
+__all__ = ["SlurmLauncher", "SlurmProcess", "slurm_launcher"]
+
+log = get_logger("supervisor.launchers.slurm")
+
+NODE_SCRIPT = str(Path(__file__).with_name("_slurmnode.py"))
+_OURS = frozenset({"disable-status", "ntasks", "ntasks-per-node", "pty", "input", "export",
+                   "jobid", "quit-on-interrupt", "label", "multi-prog", "het-group"})
+_OPTION = re.compile(r"^[a-z][a-z0-9-]*$")
+_QUEUED = re.compile(rb"job (\d+) queued and waiting for resources")
+_ALLOCATED = re.compile(rb"job (\d+) has been allocated resources")
+_TAIL_BYTES = 16384
+_SRUN_EXIT_WAIT = 15.0  # after scancel, srun normally returns within KillWait
+_PENDING_RECHECK = 5.0
+
+
+def _normalize(options: Mapping[str, object] | None) -> dict[str, str | None]:
+    """Validated srun long options: ``{"nodelist": "node2"}``, ``{"exclusive": True}``."""
+    out: dict[str, str | None] = {}
+    for raw, value in (options or {}).items():
+        if not isinstance(raw, str):
+            raise ConfigurationError(f"slurm option names are strings, not {raw!r}")
+        name = raw.strip().lstrip("-").replace("_", "-")
+        if not _OPTION.match(name):
+            raise ConfigurationError(f"slurm option {raw!r} is not a long option name of srun")
+        if name in _OURS:
+            raise ConfigurationError(f"slurm option {name!r} is set by the launcher itself")
+        if value is True or value is None:
+            out[name] = None
+        elif value is False:
+            continue
+        elif isinstance(value, (str, int, float)):
+            out[name] = str(value)
+        else:
+            raise ConfigurationError(f"slurm option {name!r}: a string or number, not {value!r}")
+    return out
+
+
+class SlurmLauncher:
+    """Starts kernels as Slurm job steps (``srun``) and receives their reports.
+
+    ``options`` are srun long options; ``report_host`` the address of ours the
+    compute nodes reach (default: the one we use to reach slurmctld);
+    ``node_python`` the interpreter on the nodes (default: ours; the package
+    must be at the same path there, as on a shared file system); ``slurm_conf``
+    a ``SLURM_CONF`` for every Slurm command (default: the environment's).
+    """
+
+    name = "slurm"
+
+    def __init__(self, options: Mapping[str, object] | None = None, *,
+                 report_host: str | None = None, node_python: str | None = None,
+                 slurm_conf: str | os.PathLike[str] | None = None, bin_dir: str | None = None,
+                 ) -> None:
+        self.options = _normalize(options)
+        self.node_python = node_python or sys.executable
+        self.slurm_conf = None if slurm_conf is None else os.fspath(slurm_conf)
+        self._bin = bin_dir
+        self._report_host = report_host
+        self.counts = ReportCounts()
+        self._servers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ReportServer] = (
+            weakref.WeakKeyDictionary())
+        self._users: dict[ReportServer, int] = {}
+        self._lock = threading.Lock()
+
+    def command(self, name: str) -> str:
+        """The path of a Slurm command (``srun``, ``scancel``...)."""
+        if self._bin is not None:
+            return os.path.join(self._bin, name)
+        return shutil.which(name) or name
+
+    def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment Slurm commands run in."""
+        env = dict(os.environ if base is None else base)
+        if self.slurm_conf is not None:
+            env["SLURM_CONF"] = self.slurm_conf
+        return env
+
+    def statistics(self) -> dict[str, int]:
+        """Report-back counters: accepted, unauthenticated and late (dropped)."""
+        return self.counts.as_dict()
+
+    # -- the report server ------------------------------------------------------
+    def report_host(self) -> str:
+        """Our address as the compute nodes see it (found once, then kept)."""
+        with self._lock:
+            if self._report_host is None:
+                self._report_host = _address_towards_controller(
+                    self.command("scontrol"), self.env())
+            return self._report_host
+
+    def _server(self) -> ReportServer:
+        loop = asyncio.get_running_loop()
+        server = self._servers.get(loop)
+        if server is None or server.closed:
+            try:
+                server = ReportServer(self.report_host(), self.counts)
+            except OSError as exc:
+                raise KernelStartupError(
+                    f"cannot listen for Slurm node reports on {self.report_host()}: {exc}"
+                ) from exc
+            self._servers[loop] = server
+            self._users[server] = 0
+        self._users[server] += 1
+        return server
+
+    def _release(self, server: ReportServer) -> None:
+        self._users[server] -= 1
+        if self._users[server] <= 0:
+            del self._users[server]
+            server.close()
+
+    # -- launch -----------------------------------------------------------------
+    def launch(self, request: LaunchRequest,
+               on_exit: Callable[[ExitStatus], None] | None = None) -> SlurmProcess:
+        """Submit the kernel as a Slurm job step; must be called on the owning loop."""
+        if not request.argv:
+            raise KernelStartupError("cannot launch a kernel: its argv is empty")
+        conn_file = request.connection_file or (
+            request.owned_files[0] if request.owned_files else None)
+        if conn_file is None:
+            raise KernelStartupError("the Slurm launcher needs the kernel's connection file")
+        try:
+            local = read_connection_file(conn_file)
+        except Exception as exc:
+            raise KernelStartupError(f"cannot read {conn_file}: {exc}") from exc
+        if local.transport != "tcp" or local.encrypted:
+            raise KernelStartupError("Slurm kernels use the tcp transport without CurveZMQ")
+        launch_id = secrets.token_hex(8)
+        job_name = f"kernel-{(request.label or 'x')[:8]}-{launch_id}"
+        server = self._server()
+        try:
+            expected = server.expect(launch_id)
+            env = self.env(request.env)
+            env.pop("JPY_PARENT_PID", None)
+            env.update({
+                "KS_SLURM_REPORT": server.address,
+                "KS_SLURM_LAUNCH": launch_id,
+                "KS_SLURM_SECRET": expected.secret.hex(),
+                "KS_SLURM_CONNECTION": json.dumps({
+                    "key": local.key.decode(), "signature_scheme": local.signature_scheme,
+                    "kernel_name": local.kernel_name}),
+            })
+            kernel_argv = [a.replace(os.fspath(conn_file), "{connection_file}")
+                           for a in request.argv]
+            argv = [self.command("srun"), f"--job-name={job_name}", "--disable-status",
+                    "--ntasks=1", "--kill-on-bad-exit=1"]
+            argv += [f"--{k}" if v is None else f"--{k}={v}" for k, v in self.options.items()]
+            argv += [self.node_python, "-I", "-S", NODE_SCRIPT, *kernel_argv]
+            try:
+                popen = subprocess.Popen(
+                    argv, env=env, cwd=request.cwd, stdin=subprocess.DEVNULL,
+                    stdout=request.stdout, stderr=subprocess.PIPE, start_new_session=True,
+                    close_fds=True)
+            except OSError as exc:
+                raise KernelStartupError(f"cannot run {argv[0]!r}: {exc}") from exc
+        except BaseException:
+            server.retire(launch_id)
+            self._release(server)
+            raise
+        return SlurmProcess(self, popen, request, local=local, launch_id=launch_id,
+                            job_name=job_name, server=server, expected=expected,
+                            on_exit=on_exit)
+
+
+def _address_towards_controller(scontrol: str, env: Mapping[str, str]) -> str:
+    """Our address on the route to slurmctld: the one compute nodes can reach too."""
+    try:
+        out = subprocess.run([scontrol, "show", "config"], env=dict(env), capture_output=True,
+                             text=True, timeout=15, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KernelStartupError(f"cannot ask Slurm for its controller: {exc}") from exc
+    match = re.search(r"^SlurmctldHost\[0\]\s*=\s*([^\s(]+)(?:\(([^)]+)\))?", out, re.M)
+    port_match = re.search(r"^SlurmctldPort\s*=\s*(\d+)", out, re.M)
+    if match is None:
+        raise KernelStartupError("cannot find SlurmctldHost in `scontrol show config`; "
+                                 "give the launcher report_host=")
+    host = match.group(2) or match.group(1)
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, int(port_match.group(1)) if port_match else 6817))
+            address: str = probe.getsockname()[0]
+    except OSError as exc:
+        raise KernelStartupError(f"no route to the Slurm controller {host}: {exc}") from exc
+    return address
+
+
+_launchers: dict[tuple[tuple[str, str | None], ...], SlurmLauncher] = {}
+_launchers_lock = threading.Lock()
+
+
+def slurm_launcher(options: Mapping[str, object] | None = None) -> SlurmLauncher:
+    """The shared launcher for these srun options (one report server per loop for all)."""
+    key = tuple(sorted(_normalize(options).items()))
+    with _launchers_lock:
+        launcher = _launchers.get(key)
+        if launcher is None:
+            launcher = _launchers[key] = SlurmLauncher(dict(key))
+        return launcher
+
+
+class SlurmProcess:
+    """One kernel as a Slurm job step: the local srun, the job, the remote kernel."""
+
+    method = "slurm"
+
+    def __init__(self, launcher: SlurmLauncher, popen: subprocess.Popen[bytes],
+                 request: LaunchRequest, *, local: ConnectionInfo, launch_id: str,
+                 job_name: str, server: ReportServer, expected: Expected,
+                 on_exit: Callable[[ExitStatus], None] | None) -> None:
+        self._launcher = launcher
+        self._popen = popen
+        self.pid = popen.pid
+        self.launch_id = launch_id
+        self.job_name = job_name
+        self.job_id: str | None = None
+        self.node: str | None = None
+        self.remote_pid: int | None = None
+        self.report: dict[str, Any] | None = None
+        self.state = "submitted"  # submitted pending allocated running ended
+        self.reason = ""
+        self.final: ExitStatus | None = None
+        self.job: slurmjobs.JobInfo | None = None
+        self._local = local
+        self._server: ReportServer | None = server
+        self._expected = expected
+        self._on_exit = on_exit
+        self._forward = request.forward_stderr
+        self._loop = IOLoop.current()
+        self._tail = bytearray()
+        self._line = bytearray()
+        self._stderr_fd: int | None = None
+        self._pidfd: int | None = None
+        self._cleanup: asyncio.Future[ExitStatus] | None = None
+        self._recheck: asyncio.TimerHandle | None = None
+        self._log = log.bind(label=request.label, job_name=job_name, srun_pid=self.pid)
+        self.exited: asyncio.Future[ExitStatus] = asyncio.get_running_loop().create_future()
+        expected.on_started = self._on_started
+        expected.report.add_done_callback(self._on_report)
+        slurmjobs.job_reaper.register(launch_id, name=job_name, job_id=None, pgid=self.pid,
+                                      conf=launcher.env().get("SLURM_CONF"))
+        if popen.stderr is not None:
+            fd = popen.stderr.fileno()
+            os.set_blocking(fd, False)
+            self._stderr_fd = fd
+            self._loop.add_handler(fd, self._on_stderr, IOLoop.READ)
+        self._watch_exit()
+
+    # -- views ------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """True until srun (and so the job step) has ended."""
+        return not self.exited.done()
+
+    @property
+    def report_address(self) -> str | None:
+        """host:port of the report server this launch reports to (while it is open)."""
+        return None if self._server is None else self._server.address
+
+    def describe_state(self) -> str:
+        """``pending: Resources``, ``running on node2 (job 12)``..."""
+        if self.state == "pending":
+            return f"pending: {self.reason or 'unknown reason'}"
+        if self.state == "running":
+            return f"running on {self.node} (job {self.job_id})"
+        return self.state
+
+    def pids(self) -> list[int]:
+        """The local processes of the launch (srun); the kernel runs on its node."""
+        return [self.pid] if self.running else []
+
+    def resources(self) -> Resources:
+        """What we know here: the method only (figures live on the node, with Slurm)."""
+        return Resources(method="slurm", processes=None)
+
+    def stderr_tail(self, lines: int = 20) -> str:
+        """The last lines srun wrote: its own messages and the kernel's stderr."""
+        self._drain_stderr()
+        text = self._tail.decode("utf-8", "replace")
+        return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+    # -- the report -------------------------------------------------------------
+    def _on_report(self, fut: asyncio.Future[dict[str, Any]]) -> None:
+        if fut.cancelled():
+            return
+        report = fut.result()
+        self.report = report
+        self.job_id = str(report.get("job") or self.job_id or "") or None
+        self.node = str(report.get("node") or report.get("host") or "")
+        self.state = "running"
+        self._cancel_recheck()
+        slurmjobs.job_reaper.register(self.launch_id, name=self.job_name, job_id=self.job_id,
+                                      pgid=self.pid, conf=self._launcher.env().get("SLURM_CONF"))
+        self._log.info("slurm.running", job_id=self.job_id, node=self.node,
+                       ip=report.get("ip"))
+
+    def _on_started(self, pid: int) -> None:
+        self.remote_pid = pid
+
+    async def wait_connection(self, info: ConnectionInfo, timeout: float) -> ConnectionInfo:
+        """The kernel's connection info at its node's address, once the node reports.
+
+        Raises :class:`KernelStartupError` if the job ends first, or if
+        ``timeout`` passes (pending or not): the job is then cancelled and the
+        message says what Slurm said of it ("pending: Resources").
+        """
+        report_fut = self._expected.report
+        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(asyncio.shield(report_fut)),
+                                            asyncio.ensure_future(asyncio.shield(self.exited))]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in waits:
+                fut.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        if report_fut.done() and not report_fut.cancelled():
+            report = report_fut.result()
+            ports = report.get("ports") or {}
+            try:
+                data = info.to_dict()
+                data.update({f"{c}_port": int(ports[c]) for c in CHANNELS},
+                            ip=str(report["ip"]), transport="tcp")
+                return ConnectionInfo.from_dict(data)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise KernelStartupError(f"Slurm node report is incomplete: {exc}") from exc
+        if self.exited.done():
+            self._drain_stderr()
+            raise KernelStartupError(
+                f"Slurm job {self.job_id or self.job_name} ended before its kernel reported "
+                f"(srun {self.exited.result().describe_code()})",
+                stderr_tail=self.stderr_tail())
+        self._server_retire()
+        await self._refresh_state()
+        what = self.describe_state() if self.state == "pending" else (
+            f"{self.state}, no report from the node")
+        self.kill_tree()
+        raise KernelStartupError(
+            f"Slurm kernel did not start within {timeout} s: job "
+            f"{self.job_id or self.job_name} {what}; the job was cancelled", timed_out=True)
+
+    # -- pending ----------------------------------------------------------------
+    def _became_pending(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.state = "pending"
+        slurmjobs.job_reaper.register(self.launch_id, name=self.job_name, job_id=job_id,
+                                      pgid=self.pid, conf=self._launcher.env().get("SLURM_CONF"))
+        self._spawn_refresh()
+
+    def _spawn_refresh(self) -> None:
+        self._recheck = None
+        if self.state != "pending" or not self.running:
+            return
+        task = asyncio.ensure_future(self._refresh_and_reschedule())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _refresh_and_reschedule(self) -> None:
+        before = self.reason
+        await self._refresh_state()
+        if self.state == "pending":
+            if self.reason != before:
+                self._log.info("slurm.pending", job_id=self.job_id, reason=self.reason)
+            loop = asyncio.get_running_loop()
+            self._recheck = loop.call_later(_PENDING_RECHECK, self._spawn_refresh)
+
+    def _cancel_recheck(self) -> None:
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
+
+    async def _refresh_state(self) -> None:
+        job = await self._query_job()
+        if job is None:
+            return
+        self.job = job
+        if job.pending and self.state in ("submitted", "pending"):
+            self.state, self.reason = "pending", job.reason
+
+    async def _query_job(self) -> slurmjobs.JobInfo | None:
+        ref = self.job_id
+        launcher = self._launcher
+        if ref is None:
+            _, out, _ = await slurmjobs.run(
+                [launcher.command("squeue"), "-h", "-o", "%i", f"--name={self.job_name}"],
+                launcher.env())
+            ref = out.split()[0] if out.split() else None
+            if ref is None:
+                return None
+            self.job_id = ref
+        _, out, _ = await slurmjobs.run(
+            [launcher.command("scontrol"), "-o", "show", "job", ref], launcher.env())
+        return slurmjobs.parse_job(out)
+
+    # -- signals ----------------------------------------------------------------
+    def signal_group(self, signum: int) -> bool:
+        """SIGINT through srun (forwarded at once); other signals to the step via scancel."""
+        if not self.running:
+            return False
+        if signum == signal.SIGINT:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                return False
+            return True
+        return self._scancel(f"--signal={signum}", step=True)
+
+    signal = signal_group
+    signal_tree = signal_group
+
+    def _scancel(self, *flags: str, step: bool = False) -> bool:
+        launcher = self._launcher
+        if self.job_id is not None:
+            target = [f"{self.job_id}.0" if step and self.state == "running" else self.job_id]
+        else:
+            target = [f"--name={self.job_name}"]
+        slurmjobs.run_nowait([launcher.command("scancel"), *flags, *target], launcher.env())
+        return True
+
+    def kill_tree(self) -> None:
+        """Cancel the job now (``scancel``); srun then returns. Never blocks (a loop)."""
+        if not self.running:
+            return
+        if self.state == "running" and self.job_id is not None:
+            self._scancel("--signal=KILL", step=True)
+        self._scancel()
+
+    async def wait(self, timeout: float | None = None) -> ExitStatus | None:
+        """Wait for the step to end; None if ``timeout`` expired first."""
+        if timeout is None:
+            return await asyncio.shield(self.exited)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    async def cleanup(self, cause: str = "") -> ExitStatus:
+        """Cancel what is left, wait for srun, and explain the end from Slurm's record."""
+        if self._cleanup is None:
+            self._cleanup = asyncio.ensure_future(self._do_cleanup(cause))
+        return await asyncio.shield(self._cleanup)
+
+    async def _do_cleanup(self, cause: str) -> ExitStatus:
+        if self.running:
+            self.kill_tree()
+        status = await self.wait(_SRUN_EXIT_WAIT)
+        if status is None:  # srun hangs: the job was cancelled; end srun itself
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+            status = await asyncio.shield(self.exited)
+        self._cancel_recheck()
+        self._server_retire()
+        job = await self._final_job()
+        await slurmjobs.settle()
+        slurmjobs.job_reaper.unregister(self.launch_id)
+        self.state = "ended"
+        oom = False
+        if job is not None:
+            self.job = job
+            slurm_cause, oom = slurmjobs.job_cause(job)
+            if job.signal:
+                status = dataclasses.replace(status, exit_code=None, signal=job.signal)
+            elif job.exit_code is not None and status.signal is None:
+                status = dataclasses.replace(status, exit_code=job.exit_code)
+            cause = f"{cause}; {slurm_cause}" if cause else slurm_cause
+        self.final = dataclasses.replace(status, cause=cause, oom=oom)
+        self._log.debug("slurm.ended", status=self.final.describe())
+        return self.final
+
+    async def _final_job(self) -> slurmjobs.JobInfo | None:
+        """The job's record once Slurm has finished it (a few bounded looks)."""
+        job = await self._query_job()
+        for _ in range(20):
+            if job is None or job.finished:
+                return job
+            await asyncio.sleep(0.1)  # Slurm gives no event for a job's last state
+            job = await self._query_job()
+        return job
+
+    def _server_retire(self) -> None:
+        server = self._server
+        if server is None:
+            return
+        self._server = None
+        server.retire(self.launch_id)
+        self._expected.close_link()
+        self._launcher._release(server)
+
+    def close(self) -> None:
+        """Stop reading srun's stderr; the step must be over or cancelled."""
+        self._close_stderr()
+
+    # -- srun's exit and stderr -------------------------------------------------
+    def _watch_exit(self) -> None:
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except OSError:
+            self._loop.add_callback(self._reap)
+            return
+        self._loop.add_handler(self._pidfd, lambda fd, events: self._reap(), IOLoop.READ)
+
+    def _reap(self) -> None:
+        if self.exited.done():
+            return
+        returncode = self._popen.poll()
+        if returncode is None:
+            return
+        if self._pidfd is not None:
+            self._loop.remove_handler(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        self._drain_stderr()
+        if 128 < returncode < 128 + 65:  # srun's way of saying "the task got a signal"
+            status = ExitStatus(exit_code=None, signal=returncode - 128)
+        else:
+            status = ExitStatus.from_returncode(returncode)
+        self.exited.set_result(status)
+        if self._on_exit is not None:
+            try:
+                self._on_exit(status)
+            except Exception as exc:
+                self._log.error("process.exit_callback_failed", exc_info=exc)
+
+    def _on_stderr(self, fd: int, events: int) -> None:
+        if not self._drain_stderr():
+            self._close_stderr()
+
+    def _drain_stderr(self) -> bool:
+        fd = self._stderr_fd
+        if fd is None:
+            return False
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not chunk:
+                return False
+            self._tail += chunk
+            if len(self._tail) > _TAIL_BYTES:
+                del self._tail[: len(self._tail) - _TAIL_BYTES]
+            self._scan(chunk)
+            if self._forward:
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.write(chunk.decode("utf-8", "replace"))
+                    sys.stderr.flush()
+
+    def _scan(self, chunk: bytes) -> None:
+        self._line += chunk
+        *lines, rest = bytes(self._line).split(b"\n")
+        self._line = bytearray(rest[-4096:])
+        for line in lines:
+            if not line.startswith(b"srun: "):
+                continue
+            if (m := _QUEUED.search(line)) is not None:
+                self._became_pending(m.group(1).decode())
+            elif (m := _ALLOCATED.search(line)) is not None:
+                self.job_id = m.group(1).decode()
+                if self.state == "pending":
+                    self.state, self.reason = "allocated", ""
+                    self._cancel_recheck()
+                    self._log.info("slurm.allocated", job_id=self.job_id)
+
+    def _close_stderr(self) -> None:
+        if self._stderr_fd is not None:
+            self._drain_stderr()
+            self._loop.remove_handler(self._stderr_fd)
+            self._stderr_fd = None
+            if self._popen.stderr is not None:
+                self._popen.stderr.close()
