@@ -7,14 +7,16 @@ supervising process:
 
 * ``+KEY`` then tab-separated fields registers one launch: ``n<name>`` the
   job's name (known at once), ``j<id>`` its job id (once known), ``g<pgid>``
-  the local ``srun``'s process group, ``c<path>`` the ``SLURM_CONF`` to use;
+  the local ``srun``'s process group, ``c<path>`` the ``SLURM_CONF`` to use,
+  ``f<path>`` a file to delete with it (the kernel's local connection file);
   registering a key again replaces its fields;
 * ``-KEY`` forgets it (the job is over).
 
 At end of file the supervising process is gone, however it died. For every
 launch still registered it runs ``scancel`` by job id (the sure way: killing
 ``srun``'s process group leaves the job running) and by name (a job whose id
-we had not learnt yet), then SIGKILLs the local ``srun`` groups, waits for the
+we had not learnt yet), then SIGKILLs the local ``srun`` groups, deletes the
+files, waits for the
 ``scancel`` calls (bounded) and exits. It never polls: it blocks in ``read``.
 It imports nothing of the package.
 """
@@ -79,6 +81,12 @@ def main() -> int:
             try:
                 os.killpg(int(pgid), signal.SIGKILL)
             except (OSError, ValueError):
+                pass
+    for entry in launches.values():
+        for path in entry.get("f", ()):
+            try:
+                os.unlink(path)
+            except OSError:
                 pass
     for call in calls:
         try:

@@ -62,6 +62,6 @@ def choose_launcher(value: Launcher | str | None, slurm_options: Mapping[str, ob
         return slurm_launcher(options)
     except ConfigurationError as exc:
         if options is not slurm_options:
-            raise KernelSpecError(f"kernelspec {spec_name!r}: {exc}",
+            raise KernelSpecError(f"kernelspec {spec_name!r}: metadata.slurm_options: {exc}",
                                   field="metadata.slurm_options") from None
         raise

@@ -301,14 +301,19 @@ class SlurmProcess:
         self.exited: asyncio.Future[ExitStatus] = asyncio.get_running_loop().create_future()
         expected.on_started = self._on_started
         expected.report.add_done_callback(self._on_report)
-        slurmjobs.job_reaper.register(launch_id, name=job_name, job_id=None, pgid=self.pid,
-                                      conf=launcher.env().get("SLURM_CONF"))
+        self._files = list(request.owned_files)
+        self._register(None)
         if popen.stderr is not None:
             fd = popen.stderr.fileno()
             os.set_blocking(fd, False)
             self._stderr_fd = fd
             self._loop.add_handler(fd, self._on_stderr, IOLoop.READ)
         self._watch_exit()
+
+    def _register(self, job_id: str | None) -> None:
+        slurmjobs.job_reaper.register(self.launch_id, name=self.job_name, job_id=job_id,
+                                      pgid=self.pid, conf=self._launcher.env().get("SLURM_CONF"),
+                                      files=self._files)
 
     # -- views ------------------------------------------------------------------
     @property
@@ -353,8 +358,7 @@ class SlurmProcess:
         self.node = str(report.get("node") or report.get("host") or "")
         self.state = "running"
         self._cancel_recheck()
-        slurmjobs.job_reaper.register(self.launch_id, name=self.job_name, job_id=self.job_id,
-                                      pgid=self.pid, conf=self._launcher.env().get("SLURM_CONF"))
+        self._register(self.job_id)
         self._log.info("slurm.running", job_id=self.job_id, node=self.node,
                        ip=report.get("ip"))
 
@@ -406,8 +410,7 @@ class SlurmProcess:
     def _became_pending(self, job_id: str) -> None:
         self.job_id = job_id
         self.state = "pending"
-        slurmjobs.job_reaper.register(self.launch_id, name=self.job_name, job_id=job_id,
-                                      pgid=self.pid, conf=self._launcher.env().get("SLURM_CONF"))
+        self._register(job_id)
         self._spawn_refresh()
 
     def _spawn_refresh(self) -> None:
@@ -519,7 +522,7 @@ class SlurmProcess:
         oom = False
         if job is not None:
             self.job = job
-            slurm_cause, oom = slurmjobs.job_cause(job)
+            slurm_cause, oom = slurmjobs.job_cause(job, self.stderr_tail(40))
             if job.signal:
                 status = dataclasses.replace(status, exit_code=None, signal=job.signal)
             elif job.exit_code is not None and status.signal is None:

@@ -134,14 +134,28 @@ def parse_job(text: str) -> JobInfo | None:
     return None
 
 
-def job_cause(job: JobInfo) -> tuple[str, bool]:
-    """(words, out of memory?) for a job that ended: Slurm's state and reason."""
+_STEP_OOM = re.compile(r"exceeded memory limit \((\d+) > (\d+)\)|oom[- ]kill|Out Of Memory",
+                       re.IGNORECASE)
+
+
+def job_cause(job: JobInfo, stderr: str = "") -> tuple[str, bool]:
+    """(words, out of memory?) for a job that ended: Slurm's state and reason.
+
+    ``stderr`` is what srun relayed: slurmstepd's "exceeded memory limit"
+    there marks a step Slurm killed for memory even when the job's state
+    only says FAILED (memory enforced by job accounting, not a cgroup).
+    """
     where = f" on {job.nodes}" if job.nodes else ""
     head = f"Slurm job {job.job_id}{where}"
     reason = "" if job.reason in ("", "None") else f", reason {job.reason}"
     state = job.state
-    if state == "OUT_OF_MEMORY":
-        return f"{head}: out of memory (the job exceeded its memory){reason}", True
+    oom = _STEP_OOM.search(stderr) if stderr else None
+    if state == "OUT_OF_MEMORY" or (oom is not None and state != "CANCELLED"):
+        detail = "the job exceeded its memory"
+        if oom is not None and oom.group(1):
+            used, limit = int(oom.group(1)) >> 20, int(oom.group(2)) >> 20
+            detail = f"used {used} MiB of its {limit} MiB"
+        return f"{head}: out of memory ({detail}){reason}", True
     if state == "TIMEOUT":
         return f"{head}: time limit reached (TimeLimit={job.time_limit}){reason}", False
     if state == "NODE_FAIL":
@@ -206,9 +220,9 @@ class JobReaper:
                 self._proc = None
 
     def register(self, key: str, *, name: str, job_id: str | None, pgid: int | None,
-                 conf: str | None) -> None:
+                 conf: str | None, files: Sequence[str] = ()) -> None:
         """Remember a launch (again, with what we know now)."""
-        fields = [f"+{key}", f"n{name}"]
+        fields = [f"+{key}", f"n{name}", *(f"f{path}" for path in files)]
         if job_id:
             fields.append(f"j{job_id}")
         if pgid is not None:
