@@ -27,7 +27,7 @@ from conftest import Events, pid_gone
 
 from supervisor.errors import KernelStartupError
 from supervisor.kernel import LaunchOptions
-from supervisor.launchers.slurm import SlurmProcess, slurm_launcher
+from supervisor.launchers.slurm import SlurmLauncher, SlurmProcess, slurm_launcher
 from supervisor.policy import Backoff, RestartPolicy
 from supervisor.supervisor import Supervisor
 
@@ -122,22 +122,21 @@ def handle_of(s: Supervisor, kid: str) -> SlurmProcess:
     return proc
 
 
-async def run_code(s: Supervisor, kid: str, code: str, timeout: float = 20) -> dict[str, Any]:
+async def evaluate(s: Supervisor, kid: str, expression: str, code: str = "",
+                   timeout: float = 20) -> str:
+    """Run ``code`` in the kernel and return ``repr(expression)`` from the execute_reply."""
     kc = s.get_kernel(kid).client()
     kc.start_channels()
     try:
-        outputs: list[str] = []
-
-        def hook(msg: dict[str, Any]) -> None:
-            if msg["msg_type"] == "stream":
-                outputs.append(msg["content"]["text"])
-
-        reply: dict[str, Any] = await kc.execute_interactive(code, timeout=timeout,
-                                                              output_hook=hook)
-        reply["stdout"] = "".join(outputs)
-        return reply
+        reply = await kc.execute(code, user_expressions={"x": expression}, reply=True,
+                                 timeout=timeout)
     finally:
         kc.stop_channels()
+    assert reply["content"]["status"] == "ok", reply["content"]
+    result = reply["content"]["user_expressions"]["x"]
+    assert result["status"] == "ok", result
+    value: str = result["data"]["text/plain"]
+    return value
 
 
 # -- on a chosen node ---------------------------------------------------------------
@@ -151,13 +150,11 @@ async def test_kernel_runs_on_the_chosen_node_and_is_reached_at_its_address() ->
         assert proc.node == "node2" and proc.describe_state().startswith("running on node2")
         with open(s.get_kernel(kid).connection_file) as f:  # noqa: ASYNC230 (a small local file)
             assert json.load(f)["ip"] == NODES["node2"]
-        reply = await run_code(
-            s, kid, "import os, socket\n"
-                    "print(os.environ['SLURMD_NODENAME'], os.environ['SLURM_JOB_ID'])\n"
-                    "print('KS_SLURM_SECRET' in os.environ)")
-        node, job = reply["stdout"].split()[:2]
-        assert (node, job) == ("node2", proc.job_id)
-        assert reply["stdout"].split()[2] == "False"  # the one-time secret stays with us
+        seen = await evaluate(s, kid, "(os.environ['SLURMD_NODENAME'], "
+                                      "os.environ['SLURM_JOB_ID'], 'KS_SLURM_SECRET' in os.environ)",
+                              "import os")
+        # On node2, in its job; the one-time secret stayed with us.
+        assert seen == repr(("node2", proc.job_id, False))
         # The kernel's namespace is node2's: our own namespace has no such address.
         assert os.readlink(f"/proc/{proc.remote_pid}/ns/net") != os.readlink("/proc/self/ns/net")
 
@@ -218,8 +215,7 @@ async def test_restart_is_a_new_job_and_the_old_one_is_gone() -> None:
         assert second is not first and second.job_id != first.job_id
         assert first.final is not None and "completed" in first.final.cause
         assert job_state(str(first.job_id)) in ("", "COMPLETING")
-        reply = await run_code(s, kid, "print(6 * 7)")
-        assert reply["stdout"].strip() == "42"
+        assert await evaluate(s, kid, "6 * 7") == "42"
 
 
 async def test_kernel_killed_on_its_node_is_restarted_with_slurms_reason() -> None:
@@ -239,8 +235,7 @@ async def test_kernel_killed_on_its_node_is_restarted_with_slurms_reason() -> No
                          r"signal 9\)", exited.cause), exited.cause
         await events.wait_for(lambda e: e.kind == "restarted")
         assert handle_of(s, kid).job_id != proc.job_id
-        reply = await run_code(s, kid, "print('back')")
-        assert reply["stdout"].strip() == "back"
+        assert await evaluate(s, kid, "'back'") == "'back'"
 
 
 async def test_job_cancelled_from_outside_is_reported_as_cancelled() -> None:
@@ -348,6 +343,32 @@ async def test_job_pending_past_the_startup_timeout_is_cancelled_with_its_reason
     assert wait_until(lambda: not our_jobs(), 10), our_jobs()
 
 
+async def test_pending_is_a_state_with_a_reason_then_the_kernel_starts() -> None:
+    """A job waiting for a full node is pending with Slurm's reason, and starts once it frees."""
+    blocker = slurm("sbatch", "--parsable", "-w", "node1", "--cpus-per-task=8",
+                    "--job-name=blocker", "--wrap", "sleep 300").strip()
+    assert blocker.isdigit()
+    launched: asyncio.Future[SlurmProcess] = asyncio.get_running_loop().create_future()
+    launcher = SlurmLauncher({"nodelist": "node1"}, on_launch=launched.set_result)
+    try:
+        assert wait_until(lambda: job_state(blocker) == "RUNNING", 20)
+        async with Supervisor(launch=QUIET.replace(launcher=launcher)) as s:
+            start = asyncio.ensure_future(s.start_kernel("python3", kernel_id="pending-1"))
+            proc = await asyncio.wait_for(launched, 20)
+            await asyncio.wait_for(proc.wait_state("pending"), 20)
+            while proc.reason != "Resources":  # Slurm's first word may be "None"
+                await asyncio.wait_for(proc.wait_state("pending", "allocated", "running"), 20)
+                if proc.state != "pending":
+                    break
+            assert proc.describe_state() == "pending: Resources"
+            assert not start.done() and s.child_status("pending-1") == "starting"
+            await asyncio.to_thread(subprocess.run, ["scancel", blocker], timeout=20)
+            assert await asyncio.wait_for(start, 30) == "pending-1"
+            assert proc.state == "running" and proc.node == "node1"
+    finally:
+        await asyncio.to_thread(subprocess.run, ["scancel", blocker], timeout=20, check=False)
+
+
 async def test_warm_pool_of_slurm_kernels() -> None:
     """A warm pool fills with Slurm kernels; acquire hands one over ready, on a node."""
     events = Events()
@@ -358,8 +379,7 @@ async def test_warm_pool_of_slurm_kernels() -> None:
         kid = await s.acquire("python3")
         info = s.get_kernel(kid).connection_info
         assert info is not None and info.ip in NODES.values()
-        reply = await run_code(s, kid, "print('warm')")
-        assert reply["stdout"].strip() == "warm"
+        assert await evaluate(s, kid, "'warm'") == "'warm'"
         await events.wait_for(lambda e: e.kind == "ready", count=3, timeout=40)
 
 
@@ -393,5 +413,4 @@ async def test_forged_and_late_reports_are_dropped_and_counted() -> None:
         assert after["reports_unauthenticated"] - before["reports_unauthenticated"] == 2
         assert after["reports_late"] - before["reports_late"] == 1  # its launch already reported
         assert s.get_kernel(kid).connection_info.ip == NODES["node2"]  # type: ignore[union-attr]
-        reply = await run_code(s, kid, "print('still mine')")
-        assert reply["stdout"].strip() == "still mine"
+        assert await evaluate(s, kid, "'still mine'") == "'still mine'"

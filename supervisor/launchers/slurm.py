@@ -107,7 +107,9 @@ class SlurmLauncher:
     compute nodes reach (default: the one we use to reach slurmctld);
     ``node_python`` the interpreter on the nodes (default: ours; the package
     must be at the same path there, as on a shared file system); ``slurm_conf``
-    a ``SLURM_CONF`` for every Slurm command (default: the environment's).
+    a ``SLURM_CONF`` for every Slurm command (default: the environment's);
+    ``on_launch`` is called with each new :class:`SlurmProcess` (on its loop),
+    for an application that shows pending jobs ("pending: Resources").
     """
 
     name = "slurm"
@@ -115,11 +117,12 @@ class SlurmLauncher:
     def __init__(self, options: Mapping[str, object] | None = None, *,
                  report_host: str | None = None, node_python: str | None = None,
                  slurm_conf: str | os.PathLike[str] | None = None, bin_dir: str | None = None,
-                 ) -> None:
+                 on_launch: Callable[[SlurmProcess], None] | None = None) -> None:
         self.options = _normalize(options)
         self.node_python = node_python or sys.executable
         self.slurm_conf = None if slurm_conf is None else os.fspath(slurm_conf)
         self._bin = bin_dir
+        self.on_launch = on_launch
         self._report_host = report_host
         self.counts = ReportCounts()
         self._servers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ReportServer] = (
@@ -222,9 +225,12 @@ class SlurmLauncher:
             server.retire(launch_id)
             self._release(server)
             raise
-        return SlurmProcess(self, popen, request, local=local, launch_id=launch_id,
+        proc = SlurmProcess(self, popen, request, local=local, launch_id=launch_id,
                             job_name=job_name, server=server, expected=expected,
                             on_exit=on_exit)
+        if self.on_launch is not None:
+            self.on_launch(proc)
+        return proc
 
 
 def _address_towards_controller(scontrol: str, env: Mapping[str, str]) -> str:
@@ -281,8 +287,9 @@ class SlurmProcess:
         self.node: str | None = None
         self.remote_pid: int | None = None
         self.report: dict[str, Any] | None = None
-        self.state = "submitted"  # submitted pending allocated running ended
-        self.reason = ""
+        self._state = "submitted"  # submitted pending allocated running ended
+        self._reason = ""
+        self._changed = asyncio.Event()
         self.final: ExitStatus | None = None
         self.job: slurmjobs.JobInfo | None = None
         self._local = local
@@ -316,6 +323,28 @@ class SlurmProcess:
                                       files=self._files)
 
     # -- views ------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        """``submitted``, ``pending``, ``allocated``, ``running`` (reported) or ``ended``."""
+        return self._state
+
+    @property
+    def reason(self) -> str:
+        """Slurm's reason while pending (``Resources``, ``Priority``...), else empty."""
+        return self._reason
+
+    def _set_state(self, state: str, reason: str = "") -> None:
+        if (state, reason) != (self._state, self._reason):
+            self._state, self._reason = state, reason
+            self._changed.set()
+
+    async def wait_state(self, *states: str) -> str:
+        """Wait until the launch is in one of ``states`` (an event, set at each change)."""
+        while self._state not in states:
+            self._changed.clear()
+            await self._changed.wait()
+        return self._state
+
     @property
     def running(self) -> bool:
         """True until srun (and so the job step) has ended."""
@@ -356,7 +385,7 @@ class SlurmProcess:
         self.report = report
         self.job_id = str(report.get("job") or self.job_id or "") or None
         self.node = str(report.get("node") or report.get("host") or "")
-        self.state = "running"
+        self._set_state("running")
         self._cancel_recheck()
         self._register(self.job_id)
         self._log.info("slurm.running", job_id=self.job_id, node=self.node,
@@ -409,7 +438,7 @@ class SlurmProcess:
     # -- pending ----------------------------------------------------------------
     def _became_pending(self, job_id: str) -> None:
         self.job_id = job_id
-        self.state = "pending"
+        self._set_state("pending", self._reason)
         self._register(job_id)
         self._spawn_refresh()
 
@@ -440,7 +469,7 @@ class SlurmProcess:
             return
         self.job = job
         if job.pending and self.state in ("submitted", "pending"):
-            self.state, self.reason = "pending", job.reason
+            self._set_state("pending", job.reason)
 
     async def _query_job(self) -> slurmjobs.JobInfo | None:
         ref = self.job_id
@@ -518,7 +547,7 @@ class SlurmProcess:
         job = await self._final_job()
         await slurmjobs.settle()
         slurmjobs.job_reaper.unregister(self.launch_id)
-        self.state = "ended"
+        self._set_state("ended")
         oom = False
         if job is not None:
             self.job = job
@@ -624,7 +653,7 @@ class SlurmProcess:
             elif (m := _ALLOCATED.search(line)) is not None:
                 self.job_id = m.group(1).decode()
                 if self.state == "pending":
-                    self.state, self.reason = "allocated", ""
+                    self._set_state("allocated")
                     self._cancel_recheck()
                     self._log.info("slurm.allocated", job_id=self.job_id)
 
