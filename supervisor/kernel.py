@@ -50,6 +50,7 @@ from supervisor._log import get_logger
 from supervisor.actor import Actor
 from supervisor.client import connect_channel
 from supervisor.connection import (
+    CHANNELS,
     ConnectionInfo,
     connection_file_path,
     ipc_paths,
@@ -67,6 +68,7 @@ from supervisor.errors import (
 from supervisor.kernelspec import KernelSpec, expand_env, format_kernel_cmd, get_kernel_spec
 from supervisor.launchers import (
     CONTAIN_MODES,
+    Endpoint,
     ExitStatus,
     Launcher,
     LaunchRequest,
@@ -522,7 +524,7 @@ class KernelActor(Actor):
     async def _wait_remote(self, proc: RemoteHandle, info: ConnectionInfo,
                            timeout: float) -> ConnectionInfo:
         """Wait for a remote kernel's address (racing a cancel); rewrite our file with it."""
-        where = asyncio.ensure_future(proc.wait_connection(info, timeout))
+        where = asyncio.ensure_future(proc.wait_endpoint(timeout))
         abort = asyncio.ensure_future(self._abort.wait())
         try:
             await asyncio.wait({where, abort}, return_when=asyncio.FIRST_COMPLETED)
@@ -534,8 +536,10 @@ class KernelActor(Actor):
         if not where.done() or where.cancelled():
             raise KernelStartupError(
                 f"start of kernel {self.kernel_id} cancelled: a shutdown was requested")
-        remote: ConnectionInfo = where.result()
-        self.connection_info = remote
+        endpoint: Endpoint = where.result()
+        data = info.to_dict()
+        data.update({f"{c}_port": int(endpoint.ports[c]) for c in CHANNELS}, ip=endpoint.ip)
+        remote = self.connection_info = ConnectionInfo.from_dict(data)
         write_connection_file(remote, self.connection_file)
         self._log = self._log.bind(ip=remote.ip)
         return remote

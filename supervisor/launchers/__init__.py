@@ -84,6 +84,7 @@ from __future__ import annotations
 
 from supervisor.launchers.base import (
     CONTAIN_MODES,
+    Endpoint,
     ExitStatus,
     Launcher,
     LaunchRequest,
@@ -100,6 +101,7 @@ from supervisor.launchers.reaper import reaper_pid
 
 __all__ = [
     "CONTAIN_MODES",
+    "Endpoint",
     "ExitStatus",
     "LaunchRequest",
     "Launcher",

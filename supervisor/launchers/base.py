@@ -13,11 +13,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from supervisor.connection import ConnectionInfo
 from supervisor.errors import ConfigurationError
 
 __all__ = [
     "CONTAIN_MODES",
+    "Endpoint",
     "ExitStatus",
     "LaunchRequest",
     "Launcher",
@@ -238,17 +238,26 @@ class ProcessHandle(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a remote kernel listens: its node's address and one port per channel."""
+
+    ip: str
+    ports: Mapping[str, int]
+
+
 @runtime_checkable
 class RemoteHandle(ProcessHandle, Protocol):
     """A handle whose kernel runs elsewhere and says where once it runs (Slurm).
 
-    ``wait_connection(info, timeout)`` returns ``info`` with the address and
-    ports the kernel bound on its node (same key), or raises
+    ``wait_endpoint(timeout)`` returns the address and ports the kernel bound
+    on its node (the key stays ours), or raises
     :class:`~supervisor.errors.KernelStartupError` when the job ends first or
     ``timeout`` passes (the launcher then has already cancelled it).
+    ``describe_state()`` says where the launch is ("pending: Resources").
     """
 
-    async def wait_connection(self, info: ConnectionInfo, timeout: float) -> ConnectionInfo: ...
+    async def wait_endpoint(self, timeout: float) -> Endpoint: ...
 
     def describe_state(self) -> str: ...
 

@@ -17,8 +17,8 @@ How the pieces fit:
   it lasts, bounded); "has been allocated resources" ends it.
 * On the node, :mod:`._slurmnode` chooses the node's address and ports, writes
   the connection file there and reports back over the authenticated channel of
-  :mod:`.slurmreport`; :meth:`SlurmProcess.wait_connection` returns the
-  kernel's :class:`ConnectionInfo` at the node's address. The startup timeout
+  :mod:`.slurmreport`; :meth:`SlurmProcess.wait_endpoint` returns the
+  address and ports the kernel bound on its node. The startup timeout
   covers pending time: a job still pending then is cancelled and the start
   fails saying why.
 * Ending: :meth:`kill_tree` is ``scancel`` (by job id, or by the job's unique
@@ -57,10 +57,9 @@ from typing import Any
 from tornado.ioloop import IOLoop
 
 from supervisor._log import get_logger
-from supervisor.connection import CHANNELS, ConnectionInfo, read_connection_file
 from supervisor.errors import ConfigurationError, KernelStartupError
 from supervisor.launchers import slurmjobs
-from supervisor.launchers.base import ExitStatus, LaunchRequest, Resources
+from supervisor.launchers.base import Endpoint, ExitStatus, LaunchRequest, Resources
 from supervisor.launchers.slurmreport import Expected, ReportCounts, ReportServer
 
 __all__ = ["SlurmLauncher", "SlurmProcess", "slurm_launcher"]
@@ -76,6 +75,7 @@ _ALLOCATED = re.compile(rb"job (\d+) has been allocated resources")
 _TAIL_BYTES = 16384
 _SRUN_EXIT_WAIT = 15.0  # after scancel, srun normally returns within KillWait
 _PENDING_RECHECK = 5.0
+_CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 
 
 def _normalize(options: Mapping[str, object] | None) -> dict[str, str | None]:
@@ -188,10 +188,14 @@ class SlurmLauncher:
         if conn_file is None:
             raise KernelStartupError("the Slurm launcher needs the kernel's connection file")
         try:
-            local = read_connection_file(conn_file)
-        except Exception as exc:
-            raise KernelStartupError(f"cannot read {conn_file}: {exc}") from exc
-        if local.transport != "tcp" or local.encrypted:
+            with open(conn_file, encoding="utf-8") as f:
+                local = json.load(f)
+            if not isinstance(local, dict) or not isinstance(local.get("key"), str):
+                raise TypeError("no key")
+        except (OSError, ValueError, TypeError) as exc:
+            raise KernelStartupError(f"cannot read the connection file {conn_file}: {exc}"
+                                     ) from exc
+        if local.get("transport", "tcp") != "tcp" or local.get("curve_secretkey"):
             raise KernelStartupError("Slurm kernels use the tcp transport without CurveZMQ")
         launch_id = secrets.token_hex(8)
         job_name = f"kernel-{(request.label or 'x')[:8]}-{launch_id}"
@@ -205,8 +209,9 @@ class SlurmLauncher:
                 "KS_SLURM_LAUNCH": launch_id,
                 "KS_SLURM_SECRET": expected.secret.hex(),
                 "KS_SLURM_CONNECTION": json.dumps({
-                    "key": local.key.decode(), "signature_scheme": local.signature_scheme,
-                    "kernel_name": local.kernel_name}),
+                    "key": local["key"],
+                    "signature_scheme": local.get("signature_scheme", "hmac-sha256"),
+                    "kernel_name": local.get("kernel_name", "")}),
             })
             kernel_argv = [a.replace(os.fspath(conn_file), "{connection_file}")
                            for a in request.argv]
@@ -225,7 +230,7 @@ class SlurmLauncher:
             server.retire(launch_id)
             self._release(server)
             raise
-        proc = SlurmProcess(self, popen, request, local=local, launch_id=launch_id,
+        proc = SlurmProcess(self, popen, request, launch_id=launch_id,
                             job_name=job_name, server=server, expected=expected,
                             on_exit=on_exit)
         if self.on_launch is not None:
@@ -275,7 +280,7 @@ class SlurmProcess:
     method = "slurm"
 
     def __init__(self, launcher: SlurmLauncher, popen: subprocess.Popen[bytes],
-                 request: LaunchRequest, *, local: ConnectionInfo, launch_id: str,
+                 request: LaunchRequest, *, launch_id: str,
                  job_name: str, server: ReportServer, expected: Expected,
                  on_exit: Callable[[ExitStatus], None] | None) -> None:
         self._launcher = launcher
@@ -292,7 +297,6 @@ class SlurmProcess:
         self._changed = asyncio.Event()
         self.final: ExitStatus | None = None
         self.job: slurmjobs.JobInfo | None = None
-        self._local = local
         self._server: ReportServer | None = server
         self._expected = expected
         self._on_exit = on_exit
@@ -394,8 +398,8 @@ class SlurmProcess:
     def _on_started(self, pid: int) -> None:
         self.remote_pid = pid
 
-    async def wait_connection(self, info: ConnectionInfo, timeout: float) -> ConnectionInfo:
-        """The kernel's connection info at its node's address, once the node reports.
+    async def wait_endpoint(self, timeout: float) -> Endpoint:
+        """The kernel's address and ports on its node, once the node side reports.
 
         Raises :class:`KernelStartupError` if the job ends first, or if
         ``timeout`` passes (pending or not): the job is then cancelled and the
@@ -414,10 +418,8 @@ class SlurmProcess:
             report = report_fut.result()
             ports = report.get("ports") or {}
             try:
-                data = info.to_dict()
-                data.update({f"{c}_port": int(ports[c]) for c in CHANNELS},
-                            ip=str(report["ip"]), transport="tcp")
-                return ConnectionInfo.from_dict(data)
+                return Endpoint(ip=str(report["ip"]),
+                                ports={c: int(ports[c]) for c in _CHANNELS})
             except (KeyError, TypeError, ValueError) as exc:
                 raise KernelStartupError(f"Slurm node report is incomplete: {exc}") from exc
         if self.exited.done():
