@@ -318,3 +318,24 @@ async def test_culling_says_the_supervisor_did_it(tmp_path: Path) -> None:
         event = (await events.wait_for(lambda e: e.kind == "shutdown"))[0]
         assert "by the supervisor (culled)" in event.reason
         assert "its process tree was ended: 1 process" in event.reason
+
+
+# -- the command line ---------------------------------------------------------------------------
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "supervisor", *args], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+
+
+def test_the_cli_rejects_a_limit_that_does_not_parse() -> None:
+    """`run --memory-limit lots` is a usage error naming the value."""
+    result = cli("run", "--memory-limit", "lots", "-c", "1")
+    assert result.returncode == 2 and "memory_limit 'lots' does not parse" in result.stderr
+
+
+@needs_cgroups
+def test_the_cli_says_a_kernel_died_out_of_memory() -> None:
+    """`run --memory-limit 300M` with a hog exits 1 saying out of memory, limit and peak."""
+    result = cli("run", "--memory-limit", "300M", "-c", MEMORY_HOG)
+    assert result.returncode == 1
+    assert "the kernel died while running the code (signal SIGKILL: out of memory " \
+           "(limit 300 MiB, peak 300 MiB))" in result.stderr
