@@ -362,7 +362,7 @@ async def test_a_memory_hog_is_killed_out_of_memory_and_says_so(tmp_path: Path) 
 
 
 async def test_a_memory_hog_under_rlimit_gets_memory_error(tmp_path: Path) -> None:
-    """Without cgroups the limit is RLIMIT_AS: the cell raises MemoryError, the kernel lives."""
+    """Without cgroups the limit is RLIMIT_DATA: the cell raises MemoryError, the kernel lives."""
     launcher = LocalLauncher(cgroups=CgroupSetup())
     async with sup(launch=QUIET.replace(launcher=launcher, memory_limit="1G")) as s:
         kid = await s.start_kernel("python3")
