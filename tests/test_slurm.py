@@ -253,10 +253,10 @@ async def test_job_cancelled_from_outside_is_reported_as_cancelled() -> None:
 
 
 async def test_out_of_memory_is_a_death_cause() -> None:
-    """A kernel over its job's --mem is killed by Slurm and the event says out of memory."""
+    """memory_limit becomes the job's --mem; a kernel over it dies "out of memory"."""
     events = Events()
-    async with Supervisor(launch=QUIET.replace(slurm_options={"nodelist": "node3",
-                                                              "mem": "150M"}),
+    async with Supervisor(launch=QUIET.replace(slurm_options={"nodelist": "node3"},
+                                               memory_limit="150M"),
                           policy=RestartPolicy(restart="temporary")) as s:
         s.subscribe(events)
         kid = await s.start_kernel("python3")

@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 import secrets
@@ -217,7 +218,8 @@ class SlurmLauncher:
                            for a in request.argv]
             argv = [self.command("srun"), f"--job-name={job_name}", "--disable-status",
                     "--ntasks=1", "--kill-on-bad-exit=1"]
-            argv += [f"--{k}" if v is None else f"--{k}={v}" for k, v in self.options.items()]
+            argv += [f"--{k}" if v is None else f"--{k}={v}"
+                     for k, v in _with_limits(self.options, request).items()]
             argv += [self.node_python, "-I", "-S", NODE_SCRIPT, *kernel_argv]
             try:
                 popen = subprocess.Popen(
@@ -236,6 +238,18 @@ class SlurmLauncher:
         if self.on_launch is not None:
             self.on_launch(proc)
         return proc
+
+
+def _with_limits(options: Mapping[str, str | None], request: LaunchRequest
+                 ) -> dict[str, str | None]:
+    """memory_limit and cpu_limit become --mem and --cpus-per-task unless given as options."""
+    out = dict(options)
+    limits = request.limits
+    if limits.memory is not None and not {"mem", "mem-per-cpu", "mem-per-gpu"} & set(out):
+        out["mem"] = f"{-(-limits.memory // (1 << 20))}M"
+    if limits.cpu is not None and "cpus-per-task" not in out:
+        out["cpus-per-task"] = str(max(1, math.ceil(limits.cpu)))
+    return out
 
 
 def _address_towards_controller(scontrol: str, env: Mapping[str, str]) -> str:
