@@ -179,26 +179,46 @@ stop_daemon() {  # stop_daemon PIDFILE
   wait_until 15 "pid $pid to exit" bash -c "! kill -0 $pid" || kill -9 "$pid" 2>/dev/null || true
 }
 
+all_jobs() { squeue -h -o %i 2>/dev/null | sort -u; }
+
+no_jobs() { [ -z "$(all_jobs)" ]; }
+
 stop() {
+  local jobs
   if [ -f "$CONF" ] && scontrol ping >/dev/null 2>&1; then
-    scancel --full --signal=KILL --state=RUNNING,PENDING,SUSPENDED 2>/dev/null || true
-    scancel 2>/dev/null || true
-    # Every job gone from the queue, completing ones included.
-    wait_until 20 "jobs to end" bash -c '[ -z "$(squeue -h -t all -o %i -t PD,R,CG,S)" ]' || true
+    jobs=$(all_jobs)
+    if [ -n "$jobs" ]; then
+      # shellcheck disable=SC2086
+      scancel --quiet --signal=KILL --full $jobs 2>/dev/null || true
+      # shellcheck disable=SC2086
+      scancel --quiet $jobs 2>/dev/null || true
+      wait_until 20 "jobs to end" no_jobs || true
+    fi
   fi
   for node in "${NODES[@]}"; do
     stop_daemon "$DIR/run/slurmd-$node.pid"
   done
   stop_daemon "$DIR/run/slurmctld.pid"
-  # Job steps of a killed slurmd, kernels: nothing may outlive the cluster.
+  # Job steps of a killed slurmd, kernels, srun clients of this cluster: nothing stays.
   kill_leftovers
+  kill_clients
   stop_daemon "$DIR/run/munged.pid"
   for ns in ks-head "${NODES[@]/#/ks-}"; do
     ip netns del "$ns" 2>/dev/null || true
   done
   ip link del "$BRIDGE" 2>/dev/null || true
-  rm -rf "$DIR/state" "$DIR/spool" "$DIR/run"
+  # Job ids go on from the saved state next time; node spools start empty.
+  rm -rf "$DIR/spool" "$DIR/run"
   say "stopped"
+}
+
+kill_clients() {  # srun/salloc left talking to this cluster (it is gone: they cannot end)
+  local pid
+  for pid in $(pgrep -x srun; pgrep -x salloc; pgrep -x sattach); do
+    if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "SLURM_CONF=$CONF"; then
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+  done
 }
 
 ns_pids() {  # every process living in one of our namespaces (steps, kernels left)
