@@ -414,3 +414,16 @@ async def test_forged_and_late_reports_are_dropped_and_counted() -> None:
         assert after["reports_late"] - before["reports_late"] == 1  # its launch already reported
         assert s.get_kernel(kid).connection_info.ip == NODES["node2"]  # type: ignore[union-attr]
         assert await evaluate(s, kid, "'still mine'") == "'still mine'"
+
+
+# -- the command line -----------------------------------------------------------------
+def test_cli_supervises_slurm_kernels() -> None:
+    """`supervise --launcher slurm --slurm-option nodelist=node3` runs kernels there and ends clean."""
+    done = subprocess.run(
+        [sys.executable, "-m", "supervisor", "supervise", "--kernel", "python3", "--count", "2",
+         "--launcher", "slurm", "--slurm-option", "nodelist=node3", "--duration", "0.5",
+         "--log-format", "json"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "events: starting=2 ready=2 shutdown=2" in done.stdout, done.stdout
+    assert done.stderr.count("Slurm job ") >= 2 and "on node3: completed" in done.stderr

@@ -76,6 +76,7 @@ _ALLOCATED = re.compile(rb"job (\d+) has been allocated resources")
 _TAIL_BYTES = 16384
 _SRUN_EXIT_WAIT = 15.0  # after scancel, srun normally returns within KillWait
 _PENDING_RECHECK = 5.0
+_FINAL_RECORD_WAIT = 5.0
 _CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 
 
@@ -443,7 +444,8 @@ class SlurmProcess:
                 f"(srun {self.exited.result().describe_code()})",
                 stderr_tail=self.stderr_tail())
         self._server_retire()
-        await self._refresh_state()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._refresh_state(), _FINAL_RECORD_WAIT)
         what = self.describe_state() if self.state == "pending" else (
             f"{self.state}, no report from the node")
         self.kill_tree()
@@ -578,14 +580,19 @@ class SlurmProcess:
         return self.final
 
     async def _final_job(self) -> slurmjobs.JobInfo | None:
-        """The job's record once Slurm has finished it (a few bounded looks)."""
-        job = await self._query_job()
-        for _ in range(20):
-            if job is None or job.finished:
-                return job
-            await asyncio.sleep(0.1)  # Slurm gives no event for a job's last state
-            job = await self._query_job()
-        return job
+        """The job's record once Slurm has finished it (bounded: a few looks, 5 s at most)."""
+        last: list[slurmjobs.JobInfo | None] = [None]
+
+        async def look() -> None:
+            for _ in range(10):
+                last[0] = await self._query_job()
+                if last[0] is None or last[0].finished:
+                    return
+                await asyncio.sleep(0.2)  # Slurm gives no event for a job's last state
+
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(look(), _FINAL_RECORD_WAIT)
+        return last[0]
 
     def _server_retire(self) -> None:
         server = self._server
