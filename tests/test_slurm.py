@@ -285,40 +285,56 @@ async def test_shutdown_leaves_no_job_and_no_process() -> None:
     assert wait_until(lambda: not node_processes(), 10), node_processes()
 
 
-def test_sigkill_of_the_supervising_process_leaves_no_job(tmp_path: Path) -> None:
-    """SIGKILL of a process supervising a Slurm kernel: the reaper cancels the job."""
+@pytest.mark.parametrize("lose_reaper", [False, True], ids=["reaper", "reaper-lost-once"])
+def test_sigkill_of_the_supervising_process_leaves_no_job(tmp_path: Path,
+                                                         lose_reaper: bool) -> None:
+    """SIGKILL of a process supervising Slurm kernels: every job ends, every file goes.
+
+    With ``reaper-lost-once`` the job reaper sidecar is SIGKILLed between two
+    starts: the next one is told the first kernel again, so its connection
+    file (which only the sidecar deletes) goes too.
+    """
     script = tmp_path / "hold.py"
     script.write_text(
-        "import asyncio, json, sys\n"
+        "import asyncio, json, os, select, signal, sys\n"
         "from supervisor import Supervisor\n"
         "from supervisor.kernel import LaunchOptions\n"
         "from supervisor.launchers.slurmjobs import job_reaper\n"
         "async def main():\n"
         "    opts = LaunchOptions(forward_stderr=False, launcher='slurm',\n"
         "                         slurm_options={'nodelist': 'node3'}, startup_timeout=30)\n"
+        "    facts = []\n"
         "    async with Supervisor(launch=opts) as s:\n"
-        "        kid = await s.start_kernel('python3')\n"
-        "        p = s.actor_of(kid).process\n"
-        "        print(json.dumps({'job': p.job_id, 'pid': p.remote_pid,\n"
-        "                          'reaper': job_reaper.pid(),\n"
-        "                          'file': str(s.get_kernel(kid).connection_file)}), flush=True)\n"
+        "        for n in range(2):\n"
+        "            if n and sys.argv[1] == 'lose':\n"
+        "                fd = os.pidfd_open(job_reaper.pid())\n"
+        "                os.kill(job_reaper.pid(), signal.SIGKILL)\n"
+        "                select.select([fd], [], [], 10)\n"
+        "                os.close(fd)\n"
+        "            kid = await s.start_kernel('python3')\n"
+        "            p = s.actor_of(kid).process\n"
+        "            facts.append({'job': p.job_id, 'pid': p.remote_pid,\n"
+        "                          'file': str(s.get_kernel(kid).connection_file)})\n"
+        "        print(json.dumps({'kernels': facts, 'reaper': job_reaper.pid()}), flush=True)\n"
         "        await asyncio.Event().wait()\n"
         "asyncio.run(main())\n")
-    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, str(script), "lose" if lose_reaper else "keep"],
+                             stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None
-        line = child.stdout.readline()
-        facts = json.loads(line)
-        assert job_state(facts["job"]) == "RUNNING"
+        facts = json.loads(child.stdout.readline())
+        assert [job_state(k["job"]) for k in facts["kernels"]] == ["RUNNING", "RUNNING"]
     finally:
         child.kill()
         child.wait()
         if child.stdout is not None:
             child.stdout.close()
-    assert pid_gone(facts["pid"], 20), "the kernel outlived its supervisor"
+    for kernel in facts["kernels"]:
+        assert pid_gone(kernel["pid"], 20), "a kernel outlived its supervisor"
     assert pid_gone(facts["reaper"], 25), "the job reaper did not finish"
-    assert not Path(facts["file"]).exists()  # the reaper removed our connection file
-    assert wait_until(lambda: job_state(facts["job"]) == "", 20), job_state(facts["job"])
+    for kernel in facts["kernels"]:
+        assert not Path(kernel["file"]).exists()  # the reaper removed our connection file
+        assert wait_until(lambda k=kernel: job_state(k["job"]) == "", 20), kernel
 
 
 # -- starting -----------------------------------------------------------------------

@@ -180,6 +180,7 @@ class JobReaper:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._owner = 0
+        self._live: dict[str, str] = {}  # key -> its registration line, told again to a new sidecar
 
     def _ensure(self) -> subprocess.Popen[bytes] | None:
         if self._proc is not None and self._owner == os.getpid():
@@ -193,8 +194,14 @@ class JobReaper:
         except OSError as exc:  # pragma: no cover - no interpreter to run
             log.warning("slurm.reaper_unavailable", error=str(exc))
             return None
+        if self._owner != os.getpid():
+            self._live.clear()  # a forked child: its parent's jobs are not ours to cancel
         self._proc, self._owner = proc, os.getpid()
         atexit.register(self._close, proc)
+        if self._live and proc.stdin is not None:  # the last sidecar was lost: tell it all
+            with contextlib.suppress(OSError):
+                proc.stdin.write("".join(self._live.values()).encode())
+                proc.stdin.flush()
         return proc
 
     def _close(self, proc: subprocess.Popen[bytes]) -> None:
@@ -209,6 +216,11 @@ class JobReaper:
     def _write(self, line: str) -> None:
         data = line.encode()
         with self._lock:
+            key = line[1:].split("\t", 1)[0].rstrip("\n")
+            if line.startswith("+"):
+                self._live[key] = line
+            else:
+                self._live.pop(key, None)
             proc = self._ensure()
             if proc is None or proc.stdin is None:
                 return
