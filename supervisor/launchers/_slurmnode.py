@@ -26,10 +26,13 @@ What it does, in order:
    supervisor its pid, and keeps the connection open as a link: if it closes
    (the supervising process is gone, however it died) the kernel is killed.
 5. Exits as the kernel did (same code, or the same signal), after removing the
-   connection file. Interrupts reach the kernel from Slurm directly (Slurm
-   signals every process of the step), so this process ignores SIGINT.
+   connection file (a file left by a node side that was SIGKILLed, as Slurm
+   does to a step over its memory, is swept by the next one on the node).
+   Interrupts reach the kernel from Slurm directly (Slurm signals every
+   process of the step), so this process ignores SIGINT.
 """
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -75,11 +78,32 @@ def free_ports(ip: str, count: int) -> list[int]:
 
 
 def write_connection_file(directory: str, launch: str, info: dict[str, object]) -> str:
+    """``kernel-<launch>-<our pid>.json`` in ``directory`` (0700), mode 0600."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd, path = tempfile.mkstemp(prefix=f"kernel-{launch[:12]}-", suffix=".json", dir=directory)
+    path = os.path.join(directory, f"kernel-{launch[:16]}-{os.getpid()}.json")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(info, f, indent=1)
     return path
+
+
+def sweep(directory: str) -> None:
+    """Remove files left by node sides that were SIGKILLed (their pid is gone)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        pid = name[: -len(".json")].rpartition("-")[2]
+        if not (name.startswith("kernel-") and name.endswith(".json") and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
 
 
 def read_line(sock: socket.socket, limit: int = 4096) -> bytes:
@@ -123,6 +147,7 @@ def main(argv: list[str]) -> int:
     info.update(ip=ip, transport="tcp", key=conn["key"],
                 signature_scheme=conn.get("signature_scheme", "hmac-sha256"),
                 kernel_name=conn.get("kernel_name", ""))
+    sweep(runtime)
     path = write_connection_file(runtime, launch, info)
     try:
         body = json.dumps({

@@ -530,11 +530,13 @@ class SlurmProcess:
         return True
 
     def kill_tree(self) -> None:
-        """Cancel the job now (``scancel``); srun then returns. Never blocks (a loop)."""
+        """Cancel the job now (``scancel``); srun then returns. Never blocks (a loop).
+
+        Slurm sends the step SIGTERM, then SIGKILL after its ``KillWait``: the
+        node side passes the SIGTERM on and removes its connection file.
+        """
         if not self.running:
             return
-        if self.state == "running" and self.job_id is not None:
-            self._scancel("--signal=KILL", step=True)
         self._scancel()
 
     async def wait(self, timeout: float | None = None) -> ExitStatus | None:
