@@ -270,6 +270,33 @@ async def test_out_of_memory_is_a_death_cause() -> None:
         assert exited.oom and "out of memory" in exited.cause, exited.cause
 
 
+async def test_node_failure_is_a_death_cause() -> None:
+    """A kernel's node going down ends its job as NODE_FAIL, and the event says node failure."""
+    events = Events()
+    async with Supervisor(launch=QUIET.replace(slurm_options={"nodelist": "node2"}),
+                          policy=RestartPolicy(restart="temporary")) as s:
+        s.subscribe(events)
+        kid = await s.start_kernel("python3")
+        proc = handle_of(s, kid)
+        try:
+            await asyncio.to_thread(subprocess.run, [
+                "scontrol", "update", "nodename=node2", "state=down", "reason=kstest"],
+                check=True, timeout=20)
+            exited = (await events.wait_for(lambda e: e.kind == "exited"))[0]
+        finally:
+            await asyncio.to_thread(node_back, "node2")
+        assert f"Slurm job {proc.job_id} on node2: node failure" in exited.cause, exited.cause
+
+
+def node_back(node: str) -> None:
+    """Return a node we set down to service, and wait (bounded) until it is idle again."""
+    def idle() -> bool:
+        return slurm("sinfo", "-h", "-N", "-n", node, "-o", "%t").strip() == "idle"
+    if not wait_until(idle, 5):
+        slurm("scontrol", "update", f"nodename={node}", "state=resume")
+    assert wait_until(idle, 30), slurm("sinfo", "-N")
+
+
 # -- ending -------------------------------------------------------------------------
 async def test_shutdown_leaves_no_job_and_no_process() -> None:
     """shutdown_request ends the kernel; no job stays queued and nothing runs on the node."""

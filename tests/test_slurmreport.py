@@ -149,6 +149,20 @@ def test_a_step_killed_for_memory_is_out_of_memory_even_if_the_job_says_failed()
     assert oom and "out of memory (used 222 MiB of its 150 MiB)" in text
 
 
+@pytest.mark.parametrize(("reason", "code", "words"), [
+    ("JobLaunchFailure", "0:9", "failed (kernel killed by signal 9)"),
+    ("TimeLimit", "0:15", "time limit reached"),
+    ("NodeDown", "0:15", "node failure"),
+    ("None", "0:0", "completed"),
+])
+def test_a_job_still_completing_is_named_by_its_reason_and_exit(reason: str, code: str,
+                                                                words: str) -> None:
+    """A record read while the job still completes is named from its reason and exit code."""
+    job = parse_job(_record("COMPLETING", reason, code))
+    assert job is not None and not job.finished
+    assert words in job_cause(job)[0]
+
+
 def test_pending_record_is_not_finished() -> None:
     """A pending job's record says so, with Slurm's reason."""
     job = parse_job(_record("PENDING", "Resources"))

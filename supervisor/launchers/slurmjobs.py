@@ -138,6 +138,10 @@ _STEP_OOM = re.compile(r"exceeded memory limit \((\d+) > (\d+)\)|oom[- ]kill|Out
                        re.IGNORECASE)
 
 
+_BY_REASON = {"TimeLimit": "TIMEOUT", "NodeDown": "NODE_FAIL", "NodeFail": "NODE_FAIL",
+              "OutOfMemory": "OUT_OF_MEMORY"}
+
+
 def job_cause(job: JobInfo, stderr: str = "") -> tuple[str, bool]:
     """(words, out of memory?) for a job that ended: Slurm's state and reason.
 
@@ -149,6 +153,10 @@ def job_cause(job: JobInfo, stderr: str = "") -> tuple[str, bool]:
     head = f"Slurm job {job.job_id}{where}"
     reason = "" if job.reason in ("", "None") else f", reason {job.reason}"
     state = job.state
+    if not job.finished:  # still completing: its reason and exit code tell what it became
+        state = _BY_REASON.get(job.reason, "")
+        if not state:
+            state = "FAILED" if job.signal or job.exit_code else "COMPLETED"
     oom = _STEP_OOM.search(stderr) if stderr else None
     if state == "OUT_OF_MEMORY" or (oom is not None and state != "CANCELLED"):
         detail = "the job exceeded its memory"
