@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import os
 import signal as _signal
+import subprocess
 import time
 import uuid
 import weakref
@@ -96,6 +97,8 @@ def _kill_leftovers_at_exit() -> None:
     """
     for actor in list(_live):
         proc = actor.process
+        if proc is not None and proc.independent:
+            continue  # asked to outlive us
         if proc is not None and proc.running:
             proc.kill()
         if actor.state != "shutdown":
@@ -189,8 +192,14 @@ class LaunchOptions:
     transport_encryption: str = "disabled"
     port_retries: int = 3
     forward_stderr: bool = True
+    inherit_env: bool = True
+    stdout: int | None = None
+    stderr: int | None = None
+    independent: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("stdout", "stderr"):
+            object.__setattr__(self, name, _stream_target(name, getattr(self, name)))
         for name in ("startup_timeout", "shutdown_wait", "exit_grace", "terminate_wait"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -224,6 +233,25 @@ class LaunchOptions:
     def resolve_spec(self) -> KernelSpec:
         """The kernelspec to launch (looked up by name unless given)."""
         return self.spec if self.spec is not None else get_kernel_spec(self.kernel_name)
+
+
+def _stream_target(name: str, value: object) -> int | None:
+    """Validate a ``stdout``/``stderr`` launch option: None, a subprocess constant, an fd
+    or an object with ``fileno()`` (turned into its fd)."""
+    if value is None:
+        return None
+    fileno = getattr(value, "fileno", None)
+    if callable(fileno):
+        value = fileno()
+    allowed = (subprocess.PIPE, subprocess.DEVNULL) + (
+        (subprocess.STDOUT,) if name == "stderr" else ())
+    if isinstance(value, bool) or not isinstance(value, int) or (value < 0
+                                                                and value not in allowed):
+        raise ConfigurationError(
+            f"{name} must be None, subprocess.PIPE, subprocess.DEVNULL"
+            f"{', subprocess.STDOUT' if name == 'stderr' else ''}, a file descriptor "
+            f"or a file, not {value!r}")
+    return value
 
 
 class _StartCancelled(Exception):
@@ -419,17 +447,28 @@ class KernelActor(Actor):
         else:
             argv = [a.replace("{connection_file}", str(self.connection_file)) for a in argv]
             argv += list(opts.extra_arguments)
-        env = dict(os.environ)
-        env.update(expand_env(spec.env, env))
-        env.update(opts.env)
-        # ipykernel (and others) watch this pid and leave if it goes; a second
-        # guard beside the reaper, and it quiets ipykernel's stand-alone banner.
-        env["JPY_PARENT_PID"] = str(os.getpid())
+        if opts.inherit_env:
+            env = dict(os.environ)
+            env.update(expand_env(spec.env, env))
+            env.update(opts.env)
+        else:  # jupyter_client's env=: the whole environment, the kernelspec's on top
+            env = dict(opts.env)
+            env.update(expand_env(spec.env, env))
+        if not opts.independent:
+            # ipykernel (and others) watch this pid and leave if it goes; a second
+            # guard beside the reaper, and it quiets ipykernel's stand-alone banner.
+            env["JPY_PARENT_PID"] = str(os.getpid())
         t0 = time.monotonic()
         launched: list[KernelProcess] = []  # the exit callback fires on a later loop turn
         try:
             proc = KernelProcess.launch(
-                argv, env=env, cwd=opts.cwd, forward_stderr=opts.forward_stderr,
+                argv, env=env, cwd=opts.cwd,
+                forward_stderr=opts.forward_stderr and opts.stderr is None,
+                capture_stderr=opts.stderr in (None, subprocess.PIPE),
+                stderr=None if opts.stderr in (None, subprocess.PIPE) else opts.stderr,
+                # nobody could read a pipe we made for stdout: PIPE means "not inherited"
+                stdout=subprocess.DEVNULL if opts.stdout == subprocess.PIPE else opts.stdout,
+                independent=opts.independent,
                 on_exit=lambda status: self.tell(ProcessExited(launched[0], status)),
                 owned_files=[str(p) for p in (self.connection_file, *ipc_paths(info))],
             )

@@ -150,6 +150,7 @@ class KernelProcess:
         forward_stderr: bool,
         on_exit: Callable[[ExitStatus], None] | None,
         owned_files: Sequence[str] = (),
+        independent: bool = False,
     ) -> None:
         self._popen = popen
         self.pid = popen.pid
@@ -162,7 +163,9 @@ class KernelProcess:
         self._pidfd: int | None = None
         self._group_released = False
         self.exited: asyncio.Future[ExitStatus] = asyncio.get_running_loop().create_future()
-        _reaper.register(self.pgid, owned_files)
+        self.independent = independent
+        if not independent:
+            _reaper.register(self.pgid, owned_files)
         if popen.stderr is not None:
             fd = popen.stderr.fileno()
             os.set_blocking(fd, False)
@@ -180,13 +183,17 @@ class KernelProcess:
         forward_stderr: bool = True,
         capture_stderr: bool = True,
         stdout: int | None = None,
+        stderr: int | None = None,
         on_exit: Callable[[ExitStatus], None] | None = None,
         owned_files: Sequence[str] = (),
+        independent: bool = False,
     ) -> KernelProcess:
         """Start ``argv`` in a new session; must be called on the owning loop.
 
         ``owned_files`` (the connection file) are deleted by the reaper if this
-        process dies with the kernel still registered. A missing or
+        process dies with the kernel still registered; an ``independent`` kernel
+        is not registered (it may outlive us). ``stderr`` is where an uncaptured
+        stderr goes (None: inherited). A missing or
         non-executable program raises :class:`KernelStartupError` and leaves
         nothing behind.
         """
@@ -199,7 +206,7 @@ class KernelProcess:
                 cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=stdout,
-                stderr=subprocess.PIPE if capture_stderr else None,
+                stderr=subprocess.PIPE if capture_stderr else stderr,
                 start_new_session=True,
                 close_fds=True,
             )
@@ -214,7 +221,7 @@ class KernelProcess:
         except OSError as exc:
             raise KernelStartupError(f"cannot launch {argv[0]!r}: {exc}") from exc
         return cls(popen, forward_stderr=forward_stderr, on_exit=on_exit,
-                   owned_files=owned_files)
+                   owned_files=owned_files, independent=independent)
 
     # -- state -------------------------------------------------------------
     @property
@@ -270,7 +277,8 @@ class KernelProcess:
             return
         self.signal_group(signal.SIGKILL)
         self._group_released = True
-        _reaper.unregister(self.pgid)
+        if not self.independent:
+            _reaper.unregister(self.pgid)
 
     async def wait(self, timeout: float | None = None) -> ExitStatus | None:
         """Wait for the exit; None if ``timeout`` expired first."""
