@@ -151,12 +151,7 @@ class AsyncKernelManager:
 
         Before the first start, the ports and key are chosen now and the start uses them.
         """
-        info = self.connection_info
-        if info is None:
-            opts = self._options
-            info = new_connection_info(ip=opts.ip, transport=opts.transport,
-                                       kernel_name=self.kernel_name)
-            self._pending_info = info
+        info = self._info_or_reserve()
         data: dict[str, Any] = {"transport": info.transport, "ip": info.ip}
         for channel in ("shell", "iopub", "stdin", "hb", "control"):
             data[f"{channel}_port"] = info.port(channel)
@@ -169,6 +164,17 @@ class AsyncKernelManager:
             data["curve_publickey"] = info.curve_publickey.decode("ascii")
             data["curve_secretkey"] = info.curve_secretkey.decode("ascii")
         return data
+
+    def _info_or_reserve(self) -> ConnectionInfo:
+        """The kernel's connection info; before the first start, one chosen now that
+        the start will use (so a client made early connects to the kernel started later)."""
+        info = self.connection_info
+        if info is None:
+            opts = self._options
+            info = new_connection_info(ip=opts.ip, transport=opts.transport,
+                                       kernel_name=self.kernel_name)
+            self._pending_info = info
+        return info
 
     @property
     def pid(self) -> int | None:
@@ -345,12 +351,11 @@ class AsyncKernelManager:
 
     def client(self, **kwargs: Any) -> KernelClient:
         """An async client for this kernel (channels not started); its ``is_alive()``
-        asks this manager whether the kernel process runs, as jupyter_client's does."""
-        info = self.connection_info
-        if info is None:
-            raise KernelStateError("no kernel to connect to: call start_kernel first")
-        client = KernelClient(info, **kwargs)
-        client.connection_file = Path(self.connection_file)
+        asks this manager whether the kernel process runs, as jupyter_client's does.
+        Made before the first start, it is bound to the ports that start will use."""
+        client = KernelClient(self._info_or_reserve(), **kwargs)
+        if self.connection_file:
+            client.connection_file = Path(self.connection_file)
         client.liveness = self._kernel_running
         self._clients.add(client)
         return client
@@ -452,10 +457,7 @@ class KernelManager:
 
     def client(self, **kwargs: Any) -> BlockingKernelClient:
         """A blocking client for this kernel (channels not started)."""
-        info = self._async.connection_info
-        if info is None:
-            raise KernelStateError("no kernel to connect to: call start_kernel first")
-        client = BlockingKernelClient(info, **kwargs)
+        client = BlockingKernelClient(self._async._info_or_reserve(), **kwargs)
         client.async_client.liveness = self._async._kernel_running
         run_blocking(_call_soon(self._async._clients.add, client.async_client))
         return client
