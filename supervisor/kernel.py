@@ -355,6 +355,18 @@ class KernelActor(Actor):
         if self.state != "exited":
             self.state = "shutdown"
 
+    def on_abandon(self) -> None:
+        """Our loop is gone: kill the process group, close sockets, remove the files."""
+        if self._proc is not None:
+            self._proc.abandon()
+        with contextlib.suppress(RuntimeError):  # a task of a closed loop
+            self._close_sockets()
+        remove_connection_files(self.connection_file, self.connection_info)
+        self.execution_state = "dead"
+        if self.state != "exited":
+            self.state = "shutdown"
+        self._log.debug("actor.abandoned", reason=self._stop_reason)
+
     async def receive(self, msg: object) -> Any:
         if isinstance(msg, Start):
             return await self._start()
@@ -574,7 +586,7 @@ class KernelActor(Actor):
         self._iopub_seen.clear()
         self._control = connect_channel(self._ctx, info, "control")
         self._iopub = connect_channel(self._ctx, info, "iopub")
-        self._iopub_task = asyncio.ensure_future(self._watch_iopub(self._iopub))
+        self._iopub_task = self.spawn(self._watch_iopub(self._iopub))
 
     async def _watch_iopub(self, sock: zmq.asyncio.Socket) -> None:
         """Track readiness proof, execution_state and last_activity."""

@@ -114,7 +114,7 @@ class AsyncKernelManager:
 
     def _actor(self) -> KernelActor | None:
         sup = self._supervisor
-        if sup is None or not sup.alive:
+        if sup is None or sup.actor_state not in ("running", "stopping"):
             return None
         try:
             return sup.actor_of(self.kernel_id)
@@ -200,7 +200,7 @@ class AsyncKernelManager:
     # -- lifecycle -------------------------------------------------------------------
     def _require(self, what: str) -> Supervisor:
         sup = self._supervisor
-        if sup is None or not sup.alive or self.kernel_id not in sup:
+        if sup is None or self.kernel_id not in sup:
             raise KernelStateError(f"cannot {what}: no kernel is running (call start_kernel first)")
         return sup
 
@@ -300,10 +300,13 @@ class AsyncKernelManager:
             kw = _launch_keywords(kw)
             self._options = self._options.replace(**kw)
         sup = self._supervisor
-        if sup is not None and sup.alive and self.kernel_id in sup:
-            await sup.restart_kernel(self.kernel_id, now=now, newports=newports, **kw)
-            self._remember()
-            return
+        if sup is not None and self.kernel_id in sup:
+            if sup.unreachable() is None:
+                await sup.restart_kernel(self.kernel_id, now=now, newports=newports, **kw)
+                self._remember()
+                return
+            # Its loop is gone: stop it from here, then start afresh on this loop.
+            await self.shutdown_kernel(now=True)
         if not self._started:
             raise KernelStateError("cannot restart the kernel: it was never started")
         await self._start(None if newports else self._last_info)

@@ -232,7 +232,7 @@ class KernelProcess:
     @property
     def running(self) -> bool:
         """True until the process has been reaped."""
-        return not self.exited.done()
+        return not self.exited.done() and self._popen.returncode is None
 
     def stderr_tail(self, lines: int = 20) -> str:
         """The last ``lines`` lines the process wrote to stderr."""
@@ -292,6 +292,27 @@ class KernelProcess:
     def close(self) -> None:
         """Stop watching stderr; the process must already be reaped or killed."""
         self._close_stderr()
+
+    def abandon(self, timeout: float = 5.0) -> None:
+        """The owning loop is closed or not running: end the process without it.
+
+        From any thread, while that loop is not running: SIGKILL the group, reap
+        the kernel (a blocking wait, short after SIGKILL), release the group and
+        close our pidfd and stderr pipe. :attr:`exited` is resolved later, if
+        the loop ever runs again.
+        """
+        if self._popen.returncode is None:
+            self.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._popen.wait(timeout)
+        self.release_group()
+        if self._pidfd is not None:
+            self._loop.remove_handler(self._pidfd)  # no-op on a closed loop
+            os.close(self._pidfd)
+            self._pidfd = None
+        self._close_stderr()
+        if not self._loop.asyncio_loop.is_closed():  # type: ignore[attr-defined]
+            self._loop.add_callback(self._reap)
 
     # -- exit watch --------------------------------------------------------
     def _watch_exit(self) -> None:

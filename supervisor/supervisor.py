@@ -252,7 +252,20 @@ class Supervisor(Actor):
             self._culler.start()
 
     async def close(self, now: bool = False) -> None:
-        """Shut every child down (reverse start order) and stop the supervisor."""
+        """Shut every child down (reverse start order) and stop the supervisor.
+
+        From another loop or thread: done on the supervisor's loop if it runs; if
+        that loop is closed or not running, every kernel is killed and its files
+        removed from here (:meth:`~supervisor.actor.Actor.abandon`).
+        """
+        if self.actor_state in ("new", "stopped"):
+            return
+        if self.unreachable() is not None:
+            self.abandon(f"closed from elsewhere: {self.unreachable()}")
+            return
+        if not self._on_own_loop():
+            await self.call(lambda: self.close(now))
+            return
         if self.alive:
             with contextlib.suppress(KernelDeadError):
                 await self.shutdown_all(now=now)
@@ -284,13 +297,20 @@ class Supervisor(Actor):
         msg = _StartChild(kernel_id or str(uuid.uuid4()), options, policy or self.policy,
                           connection_info=conn_info,
                           connection_file=None if conn_file is None else str(conn_file))
-        ready: asyncio.Future[str] = await self.ask(msg)
-        return await ready
+
+        async def start() -> str:
+            ready: asyncio.Future[str] = await self.ask(msg)
+            return await ready
+
+        return await self.call(start)
 
     async def acquire(self, kernel_name: str = "python3") -> str:
         """A ready kernel from the warm pool at once, or a new one if it is empty."""
-        ready: asyncio.Future[str] = await self.ask(_Acquire(kernel_name))
-        return await ready
+        async def acquire() -> str:
+            ready: asyncio.Future[str] = await self.ask(_Acquire(kernel_name))
+            return await ready
+
+        return await self.call(acquire)
 
     async def restart_kernel(self, kernel_id: str, now: bool = False, newports: bool = False,
                              **overrides: Any) -> None:
@@ -307,7 +327,13 @@ class Supervisor(Actor):
 
     async def shutdown_kernel(self, kernel_id: str, now: bool = False,
                               restart: bool = False) -> None:
-        """Stop a kernel; with ``restart`` it stays known (files kept) for a later start."""
+        """Stop a kernel; with ``restart`` it stays known (files kept) for a later start.
+
+        Works from any loop or thread: if the supervisor's loop is closed or not
+        running, the kernel is killed and its files removed from here.
+        """
+        if self._abandon_child_if_unreachable(kernel_id):
+            return
         await self._op(kernel_id, "shutdown", now=now, restart=restart)
 
     async def request_shutdown(self, kernel_id: str, restart: bool = False) -> None:
@@ -315,13 +341,24 @@ class Supervisor(Actor):
         await self._op(kernel_id, "request_shutdown", restart=restart)
 
     async def finish_shutdown(self, kernel_id: str, waittime: float | None = None) -> None:
-        """Wait for the exit asked by :meth:`request_shutdown`, then force it; clean up."""
+        """Wait for the exit asked by :meth:`request_shutdown`, then force it; clean up
+        (from a loop that cannot reach the supervisor's: killed at once, as a shutdown)."""
+        if self._abandon_child_if_unreachable(kernel_id):
+            return
         await self._op(kernel_id, "finish_shutdown", waittime=waittime)
 
     async def shutdown_all(self, now: bool = False) -> None:
         """Stop every child, cancelling pending restarts; reverse start order."""
-        done: asyncio.Future[None] = await self.ask(_ShutdownAll(now))
-        await done
+        if self.actor_state in ("running", "stopping") and self.unreachable() is not None:
+            for kernel_id in list(self._children):
+                self._abandon_child_if_unreachable(kernel_id)
+            return
+
+        async def shutdown_all() -> None:
+            done: asyncio.Future[None] = await self.ask(_ShutdownAll(now))
+            await done
+
+        await self.call(shutdown_all)
 
     async def start_supervisor(self, child_policy: RestartPolicy | None = None,
                                **kwargs: Any) -> Supervisor:
@@ -333,7 +370,10 @@ class Supervisor(Actor):
         """
         child = Supervisor(**kwargs)
         child.parent = self
-        await self.ask(_AddSupervisor(child, child_policy or self.policy))
+        async def add() -> None:
+            await self.ask(_AddSupervisor(child, child_policy or self.policy))
+
+        await self.call(add)
         return child
 
     def get_kernel(self, kernel_id: str) -> KernelHandle:
@@ -443,8 +483,42 @@ class Supervisor(Actor):
 
     # == message handling ================================================================
     async def _op(self, kernel_id: str, op: str, **args: Any) -> None:
-        done: asyncio.Future[None] = await self.ask(_Op(kernel_id, op, args))
-        await done
+        async def op_here() -> None:
+            done: asyncio.Future[None] = await self.ask(_Op(kernel_id, op, args))
+            await done
+
+        await self.call(op_here)
+
+    def _on_own_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self.loop.asyncio_loop  # type: ignore[attr-defined]
+        except RuntimeError:
+            return False
+
+    def _abandon_child_if_unreachable(self, kernel_id: str) -> bool:
+        """From a caller that cannot reach our loop (closed, or not running): kill the
+        child's process group and remove its files from here. True if done so."""
+        if self.actor_state not in ("running", "stopping"):
+            return False
+        why = self.unreachable()
+        if why is None:
+            return False
+        child = self._children.pop(kernel_id, None)
+        if child is None:
+            return True  # nothing of it left; a shutdown of a gone kernel is quiet
+        self._log.debug("kernel.abandoned", kernel_id=kernel_id, reason=why)
+        child.actor.abandon(f"shut down from elsewhere: {why}")
+        return True
+
+    def on_abandon(self) -> None:
+        """Our loop is gone: every child (kernel or nested supervisor) is abandoned too."""
+        if self._culler is not None:
+            with contextlib.suppress(RuntimeError):
+                self._culler.stop()
+        for child in sorted(self._children.values(), key=lambda c: -c.order):
+            child.actor.abandon(f"{self.name} abandoned: {self._stop_reason}")
+        self._children.clear()
+        self._events.close()
 
     async def receive(self, msg: object) -> Any:
         if isinstance(msg, _StartChild):
