@@ -43,17 +43,17 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import structlog
 from tornado.ioloop import IOLoop
 from tornado.queues import Queue
 
+from supervisor._log import get_logger
 from supervisor.errors import KernelClosedError, KernelDeadError, KernelStateError
 
 __all__ = ["Actor", "Stop", "background_loop", "run_blocking", "settle_loop"]
 
 T = TypeVar("T")
 
-log = structlog.get_logger("supervisor.actor")
+log = get_logger("supervisor.actor")
 _ids = itertools.count(1)
 
 
@@ -141,7 +141,9 @@ class Actor:
         (or its task was cancelled with it), :class:`KernelStateError` when that
         loop is not running, rather than wait for a loop that may never run.
         """
-        loop = self.loop.asyncio_loop  # type: ignore[attr-defined]
+        if self._loop is None:  # never started: the ask inside says so
+            return await factory()
+        loop = self._loop.asyncio_loop  # type: ignore[attr-defined]
         if _running_loop() is loop:
             return await factory()
         why = self.unreachable()
@@ -281,8 +283,13 @@ class Actor:
 
     # -- internals ---------------------------------------------------------
     def _dead_error(self, msg: object) -> KernelClosedError:
+        what = type(msg).__name__.lstrip("_")
+        if self._state == "new":
+            return KernelClosedError(
+                f"{self.name} was never started: call its start() (or use it as "
+                f"'async with ...') before asking it anything ({what})")
         reason = self._stop_reason or self._loop_dead() or "it is not running"
-        return KernelClosedError(f"{self.name} cannot take {type(msg).__name__}: {reason}")
+        return KernelClosedError(f"{self.name} cannot take {what}: {reason}")
 
     async def _run(self) -> None:
         try:
