@@ -32,6 +32,8 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequen
 from pathlib import Path
 from typing import Any, TypeVar
 
+import zmq.asyncio
+
 from supervisor.actor import run_blocking
 from supervisor.client import BlockingKernelClient, KernelClient
 from supervisor.connection import ConnectionInfo, new_connection_info, remove_connection_files
@@ -69,6 +71,9 @@ class AsyncKernelManager:
         **launch_options: Any,
     ) -> None:
         launch_options.pop("config", None)  # jupyter-style config objects have no meaning here
+        # jupyter_client's shared-context hosts (MultiKernelManager) pass their zmq Context:
+        # the manager's own sockets use it, and it is never closed here.
+        self._context: zmq.asyncio.Context | None = launch_options.pop("context", None)
         self.kernel_id = kernel_id or str(uuid.uuid4())
         self.autorestart = autorestart
         self.policy = policy or (
@@ -106,6 +111,12 @@ class AsyncKernelManager:
     def ipykernel(self) -> bool:
         """True when the kernel is IPython's (nbclient asks)."""
         return any("ipykernel" in arg for arg in self.kernel_spec.argv)
+
+    @property
+    def context(self) -> zmq.asyncio.Context:
+        """The zmq Context of the manager's own sockets: the one given as ``context=``, else
+        the process-wide one. Never closed by the manager."""
+        return self._context or zmq.asyncio.Context.instance()
 
     @property
     def supervisor(self) -> Supervisor | None:
@@ -221,7 +232,7 @@ class AsyncKernelManager:
     async def _start(self, info: ConnectionInfo | None) -> None:
         if self._supervisor is None or not self._supervisor.alive:
             sup = Supervisor(policy=self.policy, launch=self._options,
-                             name=f"manager-{self.kernel_id[:8]}")
+                             name=f"manager-{self.kernel_id[:8]}", context=self._context)
             sup.start()
             self._supervisor = sup
             self._owns_supervisor = True
@@ -438,6 +449,7 @@ class KernelManager:
     pid = _delegate("pid")
     restart_count = _delegate("restart_count")
     supervisor = _delegate("supervisor")
+    context = _delegate("context")
 
     def get_connection_info(self, session: bool = False) -> dict[str, Any]:
         return self._async.get_connection_info(session)

@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import zmq.asyncio
 from tornado.ioloop import PeriodicCallback
 
 from supervisor._log import get_logger
@@ -98,8 +99,10 @@ class Supervision(Actor):
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         name: str | None = None,
+        context: zmq.asyncio.Context | None = None,
     ) -> None:
         super().__init__(name=name or f"supervisor-{uuid.uuid4().hex[:8]}")
+        self._context = context  # for the kernels' control/IOPub sockets (None: shared)
         if strategy not in STRATEGIES:
             raise ConfigurationError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
         for label, value in (("max_kernels", max_kernels),
@@ -291,7 +294,7 @@ class Supervision(Actor):
         self._order += 1
         actor = KernelActor(msg.options, kernel_id=msg.kernel_id, parent=self,
                             connection_info=msg.connection_info,
-                            connection_file=msg.connection_file)
+                            connection_file=msg.connection_file, context=self._context)
         actor.start()
         child = Child(msg.kernel_id, actor, msg.policy, self._order, msg.options,
                        pooled=msg.pooled)

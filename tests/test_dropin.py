@@ -216,3 +216,20 @@ async def test_a_second_start_refuses() -> None:
         assert km.pid == pid and await km.is_alive()
     finally:
         await km.shutdown_kernel()
+
+
+async def test_a_given_zmq_context_is_used_and_left_open() -> None:
+    """context= (as jupyter_client's shared-context hosts pass it) is the manager's
+    context and stays open after shutdown; without it, the process-wide one is used."""
+    import zmq.asyncio
+
+    ctx = zmq.asyncio.Context()
+    try:
+        km = AsyncKernelManager(spec=fake_spec(), context=ctx, **QUIET)
+        assert km.context is ctx
+        await km.start_kernel()
+        await km.shutdown_kernel()
+        assert not ctx.closed
+        assert AsyncKernelManager().context is zmq.asyncio.Context.instance()
+    finally:
+        ctx.term()

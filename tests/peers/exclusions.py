@@ -12,8 +12,8 @@ pass with ours.
 from __future__ import annotations
 
 _CONTEXT = ("asserts km.context.closed: jupyter_client's manager creates a zmq Context "
-            "and destroys it at shutdown; ours have no per-manager context (all sockets "
-            "share the process-wide one)")
+            "and destroys it at shutdown; ours creates none (its sockets use the "
+            "process-wide context, or the one passed as context=) and closes none")
 _RECV_REPLY = ("calls the client's private _recv_reply/_async_recv_reply to drain a reply "
                "before the part under test")
 _SUBCLASS = ("AsyncKMSubclass/SyncKMSubclass are subclasses of jupyter_client's managers "
@@ -39,9 +39,6 @@ EXCLUDED: dict[str, dict[str, str]] = {
         "tests/test_kernelmanager.py::TestKernelManager::test_start_new_kernel": _CONTEXT,
         "tests/test_kernelmanager.py::TestKernelManager::test_templated_kspec_env": _CONTEXT,
         "tests/test_kernelmanager.py::TestKernelManager::test_cleanup_context": _CONTEXT,
-        "tests/test_kernelmanager.py::TestKernelManager::test_no_cleanup_shared_context":
-            "passes context= (a zmq Context for the manager to use) and asserts it is "
-            "left open: ours take no context (see _CONTEXT)",
         "tests/test_kernelmanager.py::TestParallel": _CONTEXT,
         "tests/test_kernelmanager.py::TestKernelManager::test_subclass_callables": _SUBCLASS,
         "tests/test_kernelmanager.py::TestAsyncKernelManager::test_subclass_callables":
