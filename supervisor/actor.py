@@ -202,6 +202,9 @@ class Actor:
         """Wait until the actor has stopped."""
         if self._state in ("new", "stopped") or self._loop_dead() is not None:
             return
+        if _running_loop() is not self.loop.asyncio_loop:  # type: ignore[attr-defined]
+            await self.call(self.join)
+            return
         await self._done.wait()
 
     async def on_start(self) -> None:
@@ -256,12 +259,22 @@ class Actor:
         return future
 
     def tell_threadsafe(self, msg: object) -> None:
-        """Queue ``msg`` from any thread (through ``IOLoop.add_callback``)."""
+        """Queue ``msg`` from any thread (through ``IOLoop.add_callback``); dropped if the
+        actor's loop is closed."""
+        if self._loop_dead() is not None:
+            log.debug("actor.dropped", actor=self.name, msg=type(msg).__name__,
+                      reason=self._loop_dead())
+            return
         self.loop.add_callback(self.tell, msg)
 
     def ask_threadsafe(self, msg: object) -> concurrent.futures.Future[Any]:
-        """Ask from any thread; returns a :class:`concurrent.futures.Future`."""
+        """Ask from any thread; returns a :class:`concurrent.futures.Future` (failed at once
+        with :class:`KernelDeadError` if the actor's loop is closed)."""
         result: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        dead = self._loop_dead()
+        if dead is not None:
+            result.set_exception(KernelDeadError(f"{self.name} is dead: {dead}"))
+            return result
 
         def _on_loop() -> None:
             inner = self.ask(msg)

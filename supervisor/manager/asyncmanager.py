@@ -1,10 +1,15 @@
-"""The seed's KernelManager API, async and blocking, over one Supervisor.
+"""AsyncKernelManager: the seed's manager API (async) over one Supervisor.
 
 :class:`AsyncKernelManager` manages one kernel through a private
 :class:`~supervisor.supervisor.Supervisor` (or a shared one you pass), so a
 single-kernel manager and a pool use the same actors, the same restart
 policies and the same events. It binds to the loop on which
-:meth:`AsyncKernelManager.start_kernel` is first awaited; call it from there.
+:meth:`AsyncKernelManager.start_kernel` is first awaited. From another loop it
+works while that loop runs (in another thread); once that loop is closed or
+stopped, ``shutdown_kernel`` kills the kernel's process group and removes its
+files from the caller's thread, ``restart_kernel`` does that and starts afresh
+on the caller's loop, and other requests raise a typed error at once
+(:meth:`supervisor.actor.Actor.call`).
 
 :class:`KernelManager` is the blocking face: it owns an AsyncKernelManager that
 lives on the process-wide background loop (:func:`supervisor.actor.background_loop`)
@@ -25,17 +30,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import zmq.asyncio
 
-from supervisor.actor import run_blocking
-from supervisor.client import BlockingKernelClient, KernelClient
+from supervisor.client import KernelClient
 from supervisor.connection import ConnectionInfo, new_connection_info, remove_connection_files
 from supervisor.errors import KernelStateError
 from supervisor.kernel import KernelActor, LaunchOptions
@@ -44,16 +47,7 @@ from supervisor.policy import RestartPolicy
 from supervisor.supervisor import Supervisor
 from supervisor.wire import Session
 
-__all__ = [
-    "AsyncKernelManager",
-    "KernelManager",
-    "run_async_kernel",
-    "run_kernel",
-    "start_new_async_kernel",
-    "start_new_kernel",
-]
-
-T = TypeVar("T")
+__all__ = ["AsyncKernelManager"]
 
 
 class AsyncKernelManager:
@@ -406,139 +400,3 @@ def _launch_keywords(kw: dict[str, Any]) -> dict[str, Any]:
     if "extra_arguments" in out and out["extra_arguments"] is not None:
         out["extra_arguments"] = tuple(out["extra_arguments"])
     return out
-
-
-# -- the blocking face ------------------------------------------------------------------
-def _blocking(method: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
-    """Turn an AsyncKernelManager coroutine method into a blocking one."""
-
-    @functools.wraps(method)
-    def call(self: KernelManager, *args: Any, **kwargs: Any) -> T:
-        return run_blocking(lambda: method(self._async, *args, **kwargs))
-
-    return call
-
-
-def _delegate(name: str) -> property:
-    return property(lambda self: getattr(self._async, name),
-                    doc=f"Same as :attr:`AsyncKernelManager.{name}`.")
-
-
-class KernelManager:
-    """The seed's blocking KernelManager: an AsyncKernelManager on the background loop."""
-
-    def __init__(self, kernel_name: str | None = None, **kwargs: Any) -> None:
-        self._async = AsyncKernelManager(kernel_name, **kwargs)
-
-    start_kernel = _blocking(AsyncKernelManager.start_kernel)
-    shutdown_kernel = _blocking(AsyncKernelManager.shutdown_kernel)
-    restart_kernel = _blocking(AsyncKernelManager.restart_kernel)
-    interrupt_kernel = _blocking(AsyncKernelManager.interrupt_kernel)
-    signal_kernel = _blocking(AsyncKernelManager.signal_kernel)
-    is_alive = _blocking(AsyncKernelManager.is_alive)
-    request_shutdown = _blocking(AsyncKernelManager.request_shutdown)
-    finish_shutdown = _blocking(AsyncKernelManager.finish_shutdown)
-
-    kernel_id = _delegate("kernel_id")
-    kernel_name = _delegate("kernel_name")
-    kernel_spec = _delegate("kernel_spec")
-    ipykernel = _delegate("ipykernel")
-    has_kernel = _delegate("has_kernel")
-    connection_info = _delegate("connection_info")
-    connection_file = _delegate("connection_file")
-    pid = _delegate("pid")
-    restart_count = _delegate("restart_count")
-    supervisor = _delegate("supervisor")
-    context = _delegate("context")
-
-    def get_connection_info(self, session: bool = False) -> dict[str, Any]:
-        return self._async.get_connection_info(session)
-
-    def format_kernel_cmd(self, extra_arguments: Sequence[str] | None = None) -> list[str]:
-        return self._async.format_kernel_cmd(extra_arguments)
-
-    def cleanup_resources(self, restart: bool = False) -> None:
-        self._async.cleanup_resources(restart)
-
-    def cleanup(self, connection_file: bool = True) -> None:
-        self._async.cleanup(connection_file)
-
-    def add_restart_callback(self, callback: Callable[[], object], event: str = "restart") -> None:
-        run_blocking(_call_soon(self._async.add_restart_callback, callback, event))
-
-    def remove_restart_callback(self, callback: Callable[[], object],
-                                event: str = "restart") -> None:
-        run_blocking(_call_soon(self._async.remove_restart_callback, callback, event))
-
-    def client(self, **kwargs: Any) -> BlockingKernelClient:
-        """A blocking client for this kernel (channels not started)."""
-        client = BlockingKernelClient(self._async._info_or_reserve(), **kwargs)
-        client.async_client.liveness = self._async._kernel_running
-        run_blocking(_call_soon(self._async._clients.add, client.async_client))
-        return client
-
-
-def _call_soon(fn: Callable[..., None], *args: Any) -> Callable[[], Coroutine[Any, Any, None]]:
-    async def run() -> None:
-        fn(*args)
-    return run
-
-
-# -- one-call helpers -------------------------------------------------------------------
-def start_new_kernel(startup_timeout: float = 60, kernel_name: str = "python",
-                     **kwargs: Any) -> tuple[KernelManager, BlockingKernelClient]:
-    """Start a kernel; return its manager and a ready blocking client."""
-    km = KernelManager(kernel_name, startup_timeout=startup_timeout, **kwargs)
-    km.start_kernel()
-    kc: BlockingKernelClient | None = None
-    try:
-        kc = km.client()
-        kc.start_channels()
-        kc.wait_for_ready(timeout=startup_timeout)
-    except BaseException:
-        if kc is not None:
-            kc.stop_channels()
-        km.shutdown_kernel(now=True)
-        raise
-    return km, kc
-
-
-@contextlib.contextmanager
-def run_kernel(**kwargs: Any) -> Iterator[BlockingKernelClient]:
-    """A ready blocking client; the kernel is shut down on exit, also on error."""
-    km, kc = start_new_kernel(**kwargs)
-    try:
-        yield kc
-    finally:
-        kc.stop_channels()
-        km.shutdown_kernel(now=True)
-
-
-async def start_new_async_kernel(startup_timeout: float = 60, kernel_name: str = "python",
-                                 **kwargs: Any) -> tuple[AsyncKernelManager, KernelClient]:
-    """Async twin of :func:`start_new_kernel`."""
-    km = AsyncKernelManager(kernel_name, startup_timeout=startup_timeout, **kwargs)
-    await km.start_kernel()
-    kc: KernelClient | None = None
-    try:
-        kc = km.client()
-        kc.start_channels()
-        await kc.wait_for_ready(timeout=startup_timeout)
-    except BaseException:
-        if kc is not None:
-            kc.stop_channels()
-        await km.shutdown_kernel(now=True)
-        raise
-    return km, kc
-
-
-@contextlib.asynccontextmanager
-async def run_async_kernel(**kwargs: Any) -> AsyncIterator[KernelClient]:
-    """Async twin of :func:`run_kernel`."""
-    km, kc = await start_new_async_kernel(**kwargs)
-    try:
-        yield kc
-    finally:
-        kc.stop_channels()
-        await km.shutdown_kernel(now=True)
-
