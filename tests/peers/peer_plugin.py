@@ -11,10 +11,11 @@ What is substituted, in ours mode:
   ``AsyncKernelManager``) becomes ours, and the ``KernelManager`` that its test
   module builds by hand becomes our blocking one. nbclient's trait only accepts
   subclasses of jupyter_client's manager, so its class check is relaxed.
-* jupyter_client: the names its test modules imported (``KernelManager``,
-  ``AsyncKernelManager``, ``start_new_kernel``, ``start_new_async_kernel``), the
-  ``async_km`` fixture's class parameter, and pytest-jupyter's
-  ``jp_start_kernel`` helper. A traitlets ``config=`` is read for the one
+* jupyter_client: ``jupyter_client.KernelManager`` and ``.AsyncKernelManager``
+  (so its test modules, and the recording subclasses in its tests/utils.py, get
+  ours), the names its test modules imported from ``jupyter_client.manager``
+  (``KernelManager``, ``start_new_kernel``, ``start_new_async_kernel``), and
+  pytest-jupyter's ``jp_start_kernel`` helper. A traitlets ``config=`` is read for the one
   setting those tests put there (``KernelManager.transport``), because our
   managers take keyword arguments instead of traitlets configuration.
 
@@ -44,34 +45,41 @@ def _transport_from_config(kwargs: dict[str, Any]) -> dict[str, Any]:
 if MODE == "ours":
     import supervisor.manager as ours
 
-    class OurKernelManager(ours.KernelManager):
+    # Named as jupyter_client's, so that parametrized test ids are the same in both runs.
+    class KernelManager(ours.KernelManager):
         """Our blocking manager, reading ``config.KernelManager.transport``."""
 
         def __init__(self, kernel_name: str | None = None, **kwargs: Any) -> None:
             super().__init__(kernel_name, **_transport_from_config(kwargs))
 
-    class OurAsyncKernelManager(ours.AsyncKernelManager):
+    class AsyncKernelManager(ours.AsyncKernelManager):
         """Our async manager, reading ``config.KernelManager.transport``."""
 
         def __init__(self, kernel_name: str | None = None, **kwargs: Any) -> None:
             super().__init__(kernel_name, **_transport_from_config(kwargs))
 
     SUBSTITUTES: dict[str, Any] = {
-        "KernelManager": OurKernelManager,
-        "AsyncKernelManager": OurAsyncKernelManager,
+        "KernelManager": KernelManager,
+        "AsyncKernelManager": AsyncKernelManager,
         "start_new_kernel": ours.start_new_kernel,
         "start_new_async_kernel": ours.start_new_async_kernel,
     }
 
+    def _patch_jupyter_client_package() -> None:
+        # ``from jupyter_client import KernelManager`` (the suites' test modules and
+        # helpers, nbclient's default manager class) gets ours; jupyter_client's own
+        # modules import from jupyter_client.manager and keep theirs.
+        import jupyter_client
+
+        jupyter_client.KernelManager = KernelManager  # type: ignore[attr-defined]
+        jupyter_client.AsyncKernelManager = AsyncKernelManager  # type: ignore[attr-defined]
+
     def _patch_nbclient() -> None:
         try:
-            import jupyter_client
             from nbclient.client import NotebookClient
         except ImportError:
             return
-        # NotebookClient's default manager class is looked up on the jupyter_client
-        # package each time a client is made; the trait accepts only its subclasses.
-        jupyter_client.AsyncKernelManager = OurAsyncKernelManager  # type: ignore[attr-defined]
+        # NotebookClient's trait accepts only subclasses of jupyter_client's manager.
         NotebookClient.class_traits()["kernel_manager_class"].klass = object
 
     def _patch_pytest_jupyter() -> None:
@@ -108,6 +116,7 @@ if MODE == "ours":
                     raise AssertionError("the kernel outlived shutdown_kernel")
 
     def pytest_configure(config: pytest.Config) -> None:
+        _patch_jupyter_client_package()
         _patch_nbclient()
         _patch_pytest_jupyter()
 
@@ -118,8 +127,8 @@ if MODE == "ours":
     def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
         import jupyter_client.manager as jcm
 
-        jc_classes = {jcm.KernelManager: OurKernelManager,
-                      jcm.AsyncKernelManager: OurAsyncKernelManager}
+        jc_classes = {jcm.KernelManager: KernelManager,
+                      jcm.AsyncKernelManager: AsyncKernelManager}
         seen: set[int] = set()
         for item in items:
             module = getattr(item, "module", None)
