@@ -15,7 +15,8 @@ What it does, in order:
    secret, hex), ``KS_SLURM_CONNECTION`` (JSON: the kernel's message key,
    signature scheme, kernel name) and optionally ``KS_SLURM_IP`` (the address
    to bind; default: the one this node uses to reach the supervisor) and
-   ``KS_SLURM_RUNTIME_DIR``. It removes them all before the kernel starts.
+   ``KS_SLURM_RUNTIME_DIR``, ``KS_SLURM_DETACH`` (an independent kernel: no
+   lifeline). It removes them all before the kernel starts.
 2. Chooses the node's address and five free ports there, and writes the
    connection file on the node (mode 0600).
 3. Reports ``{launch, ip, ports, node, host, job, step, pid}`` to the supervisor
@@ -137,6 +138,7 @@ def main(argv: list[str]) -> int:
         print(f"kernel-supervisor node launcher: missing or bad orders: {exc}", file=sys.stderr)
         return 2
     ip = env.get(PREFIX + "IP") or address_towards(host, int(port))
+    detach = env.get(PREFIX + "DETACH") == "1"  # an independent kernel may outlive us
     runtime = env.get(PREFIX + "RUNTIME_DIR") or os.path.join(
         env.get("TMPDIR") or tempfile.gettempdir(), "kernel-supervisor")
     for name in [n for n in env if n.startswith(PREFIX)]:
@@ -188,7 +190,15 @@ def main(argv: list[str]) -> int:
     try:
         link.sendall(json.dumps({"started": child.pid}).encode() + b"\n")
     except OSError:
-        child.kill()
+        if not detach:
+            child.kill()
+    if detach:
+        link.close()
+        try:
+            child.wait()
+        finally:
+            os.unlink(path)
+        exit_like(child.returncode)
     link.setblocking(False)
     pidfd = os.pidfd_open(child.pid)
     try:

@@ -143,6 +143,8 @@ class SlurmLauncher:
         env = dict(os.environ if base is None else base)
         if self.slurm_conf is not None:
             env["SLURM_CONF"] = self.slurm_conf
+        elif "SLURM_CONF" in os.environ:  # a kernel's own environment still needs ours
+            env.setdefault("SLURM_CONF", os.environ["SLURM_CONF"])
         return env
 
     def statistics(self) -> dict[str, int]:
@@ -210,6 +212,7 @@ class SlurmLauncher:
                 "KS_SLURM_REPORT": server.address,
                 "KS_SLURM_LAUNCH": launch_id,
                 "KS_SLURM_SECRET": expected.secret.hex(),
+                "KS_SLURM_DETACH": "1" if request.independent else "",
                 "KS_SLURM_CONNECTION": json.dumps({
                     "key": local["key"],
                     "signature_scheme": local.get("signature_scheme", "hmac-sha256"),
@@ -225,8 +228,9 @@ class SlurmLauncher:
             try:
                 popen = subprocess.Popen(
                     argv, env=env, cwd=request.cwd, stdin=subprocess.DEVNULL,
-                    stdout=request.stdout, stderr=subprocess.PIPE, start_new_session=True,
-                    close_fds=True)
+                    stdout=request.stdout,
+                    stderr=subprocess.PIPE if request.capture_stderr else request.stderr,
+                    start_new_session=True, close_fds=True)
             except OSError as exc:
                 raise KernelStartupError(f"cannot run {argv[0]!r}: {exc}") from exc
         except BaseException:
@@ -328,6 +332,7 @@ class SlurmProcess:
         expected.on_started = self._on_started
         expected.report.add_done_callback(self._on_report)
         self._files = list(request.owned_files)
+        self._independent = request.independent  # not registered: may outlive us
         self._register(None)
         if popen.stderr is not None:
             fd = popen.stderr.fileno()
@@ -337,6 +342,8 @@ class SlurmProcess:
         self._watch_exit()
 
     def _register(self, job_id: str | None) -> None:
+        if self._independent:
+            return
         slurmjobs.job_reaper.register(self.launch_id, name=self.job_name, job_id=job_id,
                                       pgid=self.pid, conf=self._launcher.env().get("SLURM_CONF"),
                                       files=self._files)
@@ -566,7 +573,8 @@ class SlurmProcess:
         self._server_retire()
         job = await self._final_job()
         await slurmjobs.settle()
-        slurmjobs.job_reaper.unregister(self.launch_id)
+        if not self._independent:
+            slurmjobs.job_reaper.unregister(self.launch_id)
         self._set_state("ended")
         oom = False
         if job is not None:
@@ -608,6 +616,37 @@ class SlurmProcess:
     def close(self) -> None:
         """Stop reading srun's stderr; the step must be over or cancelled."""
         self._close_stderr()
+
+    def abandon(self, timeout: float = 5.0) -> None:
+        """The owning loop is closed or not running: end the job without it.
+
+        From any thread: ``scancel`` (waited for, bounded), SIGKILL of srun's
+        group, reap srun, close the report link and server, forget the job at
+        the reaper. :attr:`exited` is resolved later if the loop runs again.
+        """
+        launcher = self._launcher
+        if self._popen.returncode is None:
+            target = self.job_id or f"--name={self.job_name}"
+            slurmjobs.run_blocking([launcher.command("scancel"), target], launcher.env(),
+                                   timeout=timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._popen.wait(timeout)
+        with contextlib.suppress(RuntimeError, OSError):  # the server's loop is closed
+            self._server_retire()
+        if not self._independent:
+            slurmjobs.job_reaper.unregister(self.launch_id)
+        if self._pidfd is not None:
+            with contextlib.suppress(RuntimeError, OSError):
+                self._loop.remove_handler(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        with contextlib.suppress(RuntimeError, OSError):
+            self._close_stderr()
+        if self._stderr_fd is not None and self._popen.stderr is not None:
+            self._popen.stderr.close()
+            self._stderr_fd = None
 
     # -- srun's exit and stderr -------------------------------------------------
     def _watch_exit(self) -> None:
