@@ -364,6 +364,23 @@ def test_sigkill_of_the_supervising_process_leaves_no_job(tmp_path: Path,
         assert wait_until(lambda k=kernel: job_state(k["job"]) == "", 20), kernel
 
 
+def test_close_after_the_start_loop_closed_cancels_the_job() -> None:
+    """A supervisor closed from a new loop after its own loop closed still cancels the job."""
+    s = Supervisor(launch=QUIET.replace(slurm_options={"nodelist": "node2"}))
+
+    async def start() -> tuple[str | None, int | None, int]:
+        s.start()
+        kid = await s.start_kernel("python3")
+        proc = handle_of(s, kid)
+        return proc.job_id, proc.remote_pid, proc.pid
+
+    job, remote, srun = asyncio.run(start())
+    assert job is not None and remote is not None and job_state(job) == "RUNNING"
+    asyncio.run(asyncio.wait_for(s.close(), 20))
+    assert pid_gone(srun, 10) and pid_gone(remote, 20)
+    assert wait_until(lambda: job_state(job) == "", 20), job_state(job)
+
+
 # -- starting -----------------------------------------------------------------------
 async def test_job_pending_past_the_startup_timeout_is_cancelled_with_its_reason() -> None:
     """A job that cannot start (node full) fails the start with Slurm's reason; it is cancelled."""
