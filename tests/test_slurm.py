@@ -487,3 +487,14 @@ def test_cli_supervises_slurm_kernels() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "events: starting=2 ready=2 shutdown=2" in done.stdout, done.stdout
     assert done.stderr.count("Slurm job ") >= 2 and "on node3: completed" in done.stderr
+
+
+def test_cli_run_executes_code_on_the_chosen_node() -> None:
+    """`run --launcher slurm --slurm-option nodelist=node1 -c CODE` runs the code on node1."""
+    done = subprocess.run(
+        [sys.executable, "-m", "supervisor", "run", "--kernel", "python3", "--launcher", "slurm",
+         "--slurm-option", "nodelist=node1", "-c",
+         "import os; print(os.environ['SLURMD_NODENAME'])"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "node1"

@@ -23,6 +23,7 @@ from supervisor.cli._common import (
     Console,
     Context,
     add_containment_arguments,
+    add_launcher_arguments,
     containment_options,
     count_arg,
     delay_arg,
@@ -31,6 +32,7 @@ from supervisor.cli._common import (
     human_seconds,
     isatty,
     kill_now,
+    launcher_options,
     log,
     seconds_arg,
     signal_name,
@@ -39,7 +41,6 @@ from supervisor.errors import ConfigurationError
 from supervisor.events import EVENT_KINDS, KernelEvent
 from supervisor.kernel import LaunchOptions
 from supervisor.kernelspec import get_kernel_spec
-from supervisor.launchers.choose import LAUNCHER_NAMES, check_launcher
 from supervisor.policy import RESTART_TYPES, Backoff, RestartPolicy
 from supervisor.supervisor import STRATEGIES, Supervisor
 
@@ -86,22 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_containment_arguments(p)
     p.add_argument("--startup-timeout", type=seconds_arg, default=60.0, metavar="S",
                    help="seconds a kernel may take to start (default 60)")
-    p.add_argument("--launcher", choices=LAUNCHER_NAMES, default=None,
-                   help="where kernels run: here (local) or as Slurm job steps (slurm); "
-                        "default: the kernelspec's metadata.launcher, else local")
-    p.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
-                   type=slurm_option_arg,
-                   help="an srun long option for Slurm kernels, e.g. partition=debug, "
-                        "nodelist=node2, time=1:00:00, mem=2G (repeatable; KEY alone "
-                        "for a flag)")
-
-
-def slurm_option_arg(text: str) -> tuple[str, str | bool]:
-    """``nodelist=node2`` -> ("nodelist", "node2"); ``exclusive`` -> ("exclusive", True)."""
-    key, sep, value = text.partition("=")
-    if not key.strip():
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
-    return key.strip(), value if sep else True
+    add_launcher_arguments(p)
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
@@ -114,7 +100,6 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                                within_seconds=args.within,
                                backoff=Backoff(initial=args.backoff_initial,
                                                maximum=args.backoff_max))
-        check_launcher(args.launcher, dict(args.slurm_option) or None)
     except ConfigurationError as exc:
         args.parser.error(str(exc))
     return asyncio.run(_Supervise(args, ctx.console, ctx.forward_stderr, policy).run())
@@ -135,8 +120,7 @@ class _Supervise:
             warm={args.kernel: args.warm} if args.warm else None,
             launch=LaunchOptions(kernel_name=args.kernel, forward_stderr=forward_stderr,
                                  startup_timeout=args.startup_timeout,
-                                 launcher=args.launcher,
-                                 slurm_options=dict(args.slurm_option) or None,
+                                 **launcher_options(args),
                                  **containment_options(args)),
             rng=random.Random(self.rng.random()))
         self.rows: dict[str, list[Any]] = {}  # id -> [last kind, last text, restarts]
