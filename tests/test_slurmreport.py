@@ -20,7 +20,7 @@ from supervisor.errors import ConfigurationError, KernelSpecError
 from supervisor.kernel import LaunchOptions
 from supervisor.launchers.choose import choose_launcher
 from supervisor.launchers.slurm import NODE_SCRIPT, SlurmLauncher
-from supervisor.launchers.slurmjobs import job_cause, parse_job
+from supervisor.launchers.slurmjobs import job_cause, parse_job, state_from_stderr
 from supervisor.launchers.slurmreport import ReportCounts, ReportServer, sign
 
 KERNEL = (
@@ -161,6 +161,24 @@ def test_a_job_still_completing_is_named_by_its_reason_and_exit(reason: str, cod
     job = parse_job(_record("COMPLETING", reason, code))
     assert job is not None and not job.finished
     assert words in job_cause(job)[0]
+
+
+@pytest.mark.parametrize(("text", "state"), [
+    ("slurmstepd-node2: error: *** STEP 254.0 ON node2 CANCELLED AT 2026-12-01T00:19:47 DUE "
+     "TO NODE FAILURE, SEE SLURMCTLD LOG FOR DETAILS ***", "NODE_FAIL"),
+    ("slurmstepd-node1: error: *** STEP 9.0 ON node1 CANCELLED AT 2026-12-01T00:01:02 DUE TO "
+     "TIME LIMIT ***", "TIMEOUT"),
+    ("slurmstepd-node2: error: *** STEP 2.0 ON node2 CANCELLED AT 2026-11-30T23:57:45 ***",
+     "CANCELLED"),
+    ("slurmstepd-node3: error: StepId=21.0 exceeded memory limit (233631744 > 157286400), "
+     "being killed", "OUT_OF_MEMORY"),
+    ("srun: error: node3: task 0: Killed", "FAILED"),
+    ("srun: error: node3: task 0: Exited with exit code 3", "FAILED"),
+    ("srun: job 12 has been allocated resources", None),
+])
+def test_slurmstepd_words_on_sruns_stderr_name_the_end(text: str, state: str | None) -> None:
+    """slurmstepd's last words, relayed by srun, say how the step ended before the record."""
+    assert state_from_stderr(text) == state
 
 
 def test_pending_record_is_not_finished() -> None:

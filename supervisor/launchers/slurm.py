@@ -590,13 +590,23 @@ class SlurmProcess:
         return self.final
 
     async def _final_job(self) -> slurmjobs.JobInfo | None:
-        """The job's record once Slurm has finished it (bounded: a few looks, 5 s at most)."""
+        """The job's record, its state final or told by slurmstepd through srun.
+
+        Right after srun returns the record may still say COMPLETING; srun's
+        stderr usually says already how the step ended (cancelled, time limit,
+        node failure, memory). Else a few looks, 1 s at most, then the record
+        as it is (named from its reason and exit code).
+        """
         last: list[slurmjobs.JobInfo | None] = [None]
+        told = slurmjobs.state_from_stderr(self.stderr_tail(40))
 
         async def look() -> None:
-            for _ in range(10):
-                last[0] = await self._query_job()
-                if last[0] is None or last[0].finished:
+            for _ in range(5):
+                job = last[0] = await self._query_job()
+                if job is None or job.finished:
+                    return
+                if told is not None:
+                    last[0] = dataclasses.replace(job, state=told)
                     return
                 await asyncio.sleep(0.2)  # Slurm gives no event for a job's last state
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from supervisor._log import get_logger
 
 __all__ = ["JobInfo", "JobReaper", "job_cause", "job_reaper", "parse_job", "run",
-           "run_blocking", "run_nowait"]
+           "run_blocking", "run_nowait", "state_from_stderr"]
 
 log = get_logger("supervisor.launchers.slurm")
 
@@ -136,6 +136,25 @@ def parse_job(text: str) -> JobInfo | None:
 
 _STEP_OOM = re.compile(r"exceeded memory limit \((\d+) > (\d+)\)|oom[- ]kill|Out Of Memory",
                        re.IGNORECASE)
+
+
+_STEP_END = re.compile(r"\*\*\* (?:STEP|JOB) \S+ ON \S+ CANCELLED AT \S+(?: DUE TO ([A-Z ]+?))?"
+                       r"(?:,| \*\*\*)")
+_TASK_END = re.compile(r"srun: error: \S+: task \d+: (?!Exited with exit code 0)")
+_BY_WORDS = {"TIME LIMIT": "TIMEOUT", "NODE FAILURE": "NODE_FAIL", "PREEMPTION": "PREEMPTED"}
+
+
+def state_from_stderr(text: str) -> str | None:
+    """The job's end as slurmstepd told it through srun ("*** STEP 12.0 ON node2
+    CANCELLED AT ... DUE TO TIME LIMIT ***"): known before slurmctld's record is final."""
+    found = None
+    for match in _STEP_END.finditer(text):
+        found = _BY_WORDS.get(match.group(1) or "", "CANCELLED")
+    if found is None and _STEP_OOM.search(text):
+        found = "OUT_OF_MEMORY"
+    if found is None and _TASK_END.search(text):  # the task died on its own
+        found = "FAILED"
+    return found
 
 
 _BY_REASON = {"TimeLimit": "TIMEOUT", "NodeDown": "NODE_FAIL", "NodeFail": "NODE_FAIL",
