@@ -142,13 +142,7 @@ class Supervision(Actor):
 
 
     async def shutdown_all(self, now: bool = False) -> None:
-        """Stop every child, cancelling pending restarts; reverse start order (from a
-        caller that cannot reach our loop: every kernel killed from here)."""
-        if self.actor_state in ("running", "stopping") and self.unreachable() is not None:
-            for kernel_id in list(self._children):
-                self._abandon_child_if_unreachable(kernel_id)
-            return
-
+        """Stop every child, cancelling pending restarts; reverse start order."""
         async def shutdown_all() -> None:
             done: asyncio.Future[None] = await self.ask(ShutdownAll(now))
             await done
@@ -188,36 +182,6 @@ class Supervision(Actor):
 
         await self.call(op_here)
 
-    def _on_own_loop(self) -> bool:
-        try:
-            return asyncio.get_running_loop() is self.loop.asyncio_loop  # type: ignore[attr-defined]
-        except RuntimeError:
-            return False
-
-    def _abandon_child_if_unreachable(self, kernel_id: str) -> bool:
-        """From a caller that cannot reach our loop (closed, or not running): kill the
-        child's process group and remove its files from here. True if done so."""
-        if self.actor_state not in ("running", "stopping"):
-            return False
-        why = self.unreachable()
-        if why is None:
-            return False
-        child = self._children.pop(kernel_id, None)
-        if child is None:
-            return True  # nothing of it left; a shutdown of a gone kernel is quiet
-        self._log.debug("kernel.abandoned", kernel_id=kernel_id, reason=why)
-        child.actor.abandon(f"shut down from elsewhere: {why}")
-        return True
-
-    def on_abandon(self) -> None:
-        """Our loop is gone: every child (kernel or nested supervisor) is abandoned too."""
-        if self._culler is not None:
-            with contextlib.suppress(RuntimeError):
-                self._culler.stop()
-        for child in sorted(self._children.values(), key=lambda c: -c.order):
-            child.actor.abandon(f"{self.name} abandoned: {self._stop_reason}")
-        self._children.clear()
-        self._events.close()
 
     async def receive(self, msg: object) -> Any:
         if isinstance(msg, StartChild):

@@ -71,6 +71,16 @@ class Supervisor(Pooled):
             self.stop("closed")
         await self.join()
 
+    async def shutdown_all(self, now: bool = False) -> None:
+        """Stop every child, cancelling pending restarts; reverse start order. From a
+        caller that cannot reach our loop (closed, not running): every kernel is
+        killed and its files removed from here."""
+        if self.actor_state in ("running", "stopping") and self.unreachable() is not None:
+            for kernel_id in list(self._children):
+                self._abandon_child_if_unreachable(kernel_id)
+            return
+        await super().shutdown_all(now)
+
     async def start_kernel(
         self,
         kernel_name: str | None = None,
@@ -241,6 +251,37 @@ class Supervisor(Pooled):
             raise KernelStateError(f"{self.name} has no child {kernel_id!r}")
         return child.restart_count, child.status
 
+    # == without our loop ==============================================================
+    def _on_own_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self.loop.asyncio_loop  # type: ignore[attr-defined]
+        except RuntimeError:
+            return False
+
+    def _abandon_child_if_unreachable(self, kernel_id: str) -> bool:
+        """From a caller that cannot reach our loop (closed, or not running): kill the
+        child's process group and remove its files from here. True if done so."""
+        if self.actor_state not in ("running", "stopping"):
+            return False
+        why = self.unreachable()
+        if why is None:
+            return False
+        child = self._children.pop(kernel_id, None)
+        if child is None:
+            return True  # nothing of it left; a shutdown of a gone kernel is quiet
+        self._log.debug("kernel.abandoned", kernel_id=kernel_id, reason=why)
+        child.actor.abandon(f"shut down from elsewhere: {why}")
+        return True
+
+    def on_abandon(self) -> None:
+        """Our loop is gone: every child (kernel or nested supervisor) is abandoned too."""
+        if self._culler is not None:
+            with contextlib.suppress(RuntimeError):
+                self._culler.stop()
+        for child in sorted(self._children.values(), key=lambda c: -c.order):
+            child.actor.abandon(f"{self.name} abandoned: {self._stop_reason}")
+        self._children.clear()
+        self._events.close()
 
 
 class KernelHandle:
