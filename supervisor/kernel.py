@@ -34,6 +34,7 @@ import atexit
 import contextlib
 import dataclasses
 import os
+import re
 import signal as _signal
 import time
 import uuid
@@ -50,17 +51,22 @@ from supervisor._log import get_logger
 from supervisor.actor import Actor
 from supervisor.client import connect_channel
 from supervisor.connection import (
+    CHANNELS,
     ConnectionInfo,
+    PortReservation,
+    claim_ports,
     connection_file_path,
     ipc_paths,
     new_connection_info,
     remove_connection_files,
+    reserve_ports,
     write_connection_file,
 )
 from supervisor.errors import (
     ConfigurationError,
     KernelStartupError,
     KernelStateError,
+    PortInUseError,
     WireError,
 )
 from supervisor.kernelspec import KernelSpec, expand_env, format_kernel_cmd, get_kernel_spec
@@ -83,7 +89,9 @@ __all__ = [
 
 log = get_logger("supervisor.kernel")
 
-_PORT_CLASH = "Address already in use"
+_PORT_CLASH = b"Address already in use"
+# pyzmq names the endpoint: "Address already in use (addr='tcp://127.0.0.1:5555')"
+_BIND_ERROR = re.compile(rb"Address already in use \(addr='(?P<url>[^']*)'\)")
 _live: weakref.WeakSet[KernelActor] = weakref.WeakSet()
 
 
@@ -231,7 +239,28 @@ class _StartCancelled(Exception):
 
 
 class _PortClash(Exception):
-    pass
+    """A launch found one of its ports taken (by the kernel's stderr or the exit)."""
+
+    def __init__(self, channel: str | None, port: int | None, tail: str = "") -> None:
+        super().__init__(channel, port)
+        self.channel = channel
+        self.port = port
+        self.tail = tail
+
+
+def _find_clash(stderr: bytes, info: ConnectionInfo) -> _PortClash | None:
+    """The port clash a kernel's stderr reports, naming the channel when it can."""
+    if _PORT_CLASH not in stderr:
+        return None
+    channel: str | None = None
+    port: int | None = None
+    for match in _BIND_ERROR.finditer(stderr):
+        url = match.group("url").decode("utf-8", "replace")
+        suffix = url.rsplit(":" if url.startswith("tcp") else "-", 1)[-1]
+        if suffix.isdigit():
+            port = int(suffix)
+            channel = next((c for c in CHANNELS if info.port(c) == port), None)
+    return _PortClash(channel, port)
 
 
 # -- the actor ------------------------------------------------------------------
@@ -282,6 +311,8 @@ class KernelActor(Actor):
         self._hurry = asyncio.Event()
         self._pending_kills = 0
         self._spec: KernelSpec | None = None
+        self._ports: PortReservation | None = None  # held until the kernel is gone for good
+        self._hb_echoed = False
         self._log = log.bind(kernel_id=self.kernel_id, kernel_name=self.options.kernel_name)
         _live.add(self)
 
@@ -355,18 +386,38 @@ class KernelActor(Actor):
 
     # -- start -------------------------------------------------------------------
     def _connection(self, fresh: bool, spec: KernelSpec) -> ConnectionInfo:
+        """The ports to launch on, reserved in this process so no other start gets them.
+
+        Given ports (a connection file's, or a restart's) are claimed; if another
+        start of ours holds one, fresh ports are reserved instead.
+        """
         opts = self.options
-        if self.connection_info is not None and not fresh:
-            return self.connection_info
-        curve = self._want_curve(spec)
-        key = self.connection_info.key if self.connection_info is not None else None
+        info = self.connection_info
+        if info is not None and not fresh:
+            if info.transport != "tcp" or self._ports is not None:
+                return info
+            self._ports = claim_ports([info.port(c) for c in CHANNELS])
+            if self._ports is not None:
+                return info
+            self._log.warning("kernel.ports_held_elsewhere", ports=[info.port(c) for c in CHANNELS])
+        self._release_ports()
+        ports: tuple[int, ...] | None = None
+        if opts.transport == "tcp":
+            self._ports = reserve_ports(len(CHANNELS), opts.ip)
+            ports = self._ports.ports
         return new_connection_info(
             ip=opts.ip,
             transport=opts.transport,
-            key=key,
+            key=info.key if info is not None else None,
             kernel_name=spec.name,
-            curve=curve,
+            curve=self._want_curve(spec),
+            ports=ports,
         )
+
+    def _release_ports(self) -> None:
+        if self._ports is not None:
+            self._ports.release()
+            self._ports = None
 
     def _want_curve(self, spec: KernelSpec) -> bool:
         mode = self.options.transport_encryption
@@ -392,16 +443,24 @@ class KernelActor(Actor):
             spec = self.options.resolve_spec()
             self._spec = spec
             fresh = self.connection_info is None
-            for attempt in range(self.options.port_retries + 1):
+            attempts = self.options.port_retries + 1
+            clash = _PortClash(None, None)
+            for attempt in range(attempts):
                 info = self._connection(fresh, spec)
                 try:
                     return await self._launch_once(spec, info)
-                except _PortClash:
-                    self._log.warning("kernel.port_clash", attempt=attempt + 1)
+                except _PortClash as exc:
+                    clash = exc
+                    self._log.warning("kernel.port_clash", attempt=attempt + 1,
+                                      channel=exc.channel, port=exc.port)
                     fresh = True
-            raise KernelStartupError(
-                f"kernel {self.kernel_id} could not bind its ports after "
-                f"{self.options.port_retries + 1} attempts"
+            where = (f"its {clash.channel} channel on port {clash.port}" if clash.channel
+                     else f"port {clash.port}" if clash.port else "its ports")
+            raise PortInUseError(
+                f"kernel {self.kernel_id} could not bind {where}: the address is in use "
+                f"by another process (after {attempts} attempts on fresh ports)",
+                channel=clash.channel, port=clash.port, attempts=attempts,
+                stderr_tail=clash.tail,
             )
         except BaseException:
             self.state = "exited"
@@ -440,8 +499,9 @@ class KernelActor(Actor):
         self._proc = proc
         self._log = self._log.bind(pid=proc.pid)
         self._log.debug("actor.launched", argv=argv)
+        clash = self._watch_bind_errors(proc, info)
         try:
-            await self._wait_ready(proc, info, opts.startup_timeout)
+            await self._wait_ready(proc, info, opts.startup_timeout, clash)
         except _PortClash:
             await self._kill_and_reap(proc)
             self._teardown(keep_file=True)
@@ -455,30 +515,65 @@ class KernelActor(Actor):
         self._log.debug("actor.ready", seconds=round(self.started_at - t0, 4))
         return self.kernel_info
 
-    async def _wait_ready(self, proc: KernelProcess, info: ConnectionInfo, timeout: float) -> None:
-        """Race readiness against the process exiting, a cancel, and the timeout."""
+    def _watch_bind_errors(
+        self, proc: KernelProcess, info: ConnectionInfo
+    ) -> asyncio.Future[_PortClash]:
+        """A future set when the starting kernel writes a bind error on stderr.
+
+        ipykernel keeps running when its IOPub or heartbeat port is taken, so
+        the exit alone does not tell; its traceback does, at once.
+        """
+        found: asyncio.Future[_PortClash] = asyncio.get_running_loop().create_future()
+        seen = bytearray()
+
+        def listen(chunk: bytes) -> None:
+            if found.done():
+                return
+            seen.extend(chunk)
+            del seen[:-16384]
+            clash = _find_clash(bytes(seen), info)
+            if clash is not None:
+                clash.tail = proc.stderr_tail()
+                found.set_result(clash)
+
+        proc.stderr_listener = listen
+        return found
+
+    async def _wait_ready(
+        self, proc: KernelProcess, info: ConnectionInfo, timeout: float,
+        clash: asyncio.Future[_PortClash],
+    ) -> None:
+        """Race readiness against the process exiting, a bind error, a cancel, the timeout."""
         self._open_sockets(info)
         shell = connect_channel(self._ctx, info, "shell")
         try:
-            ready: asyncio.Future[Any] = asyncio.ensure_future(self._handshake(shell))
+            ready: asyncio.Future[Any] = asyncio.ensure_future(self._prove_ready(shell, info))
             exited: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(proc.exited))
             abort: asyncio.Future[Any] = asyncio.ensure_future(self._abort.wait())
+            bind: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(clash))
+            racers = (ready, exited, abort, bind)
             try:
                 done, _ = await asyncio.wait(
-                    {ready, exited, abort}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    racers, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
             finally:
-                for fut in (ready, exited, abort):
+                proc.stderr_tail()  # whatever the kernel wrote before its reply is seen now
+                proc.stderr_listener = None
+                for fut in racers:
                     if not fut.done():
                         fut.cancel()
-                await asyncio.gather(ready, exited, abort, return_exceptions=True)
+                await asyncio.gather(*racers, return_exceptions=True)
+            if clash.done():  # even beside a reply: a channel may belong to someone else
+                raise clash.result()
             if ready in done and ready.exception() is None:
                 return
             if exited in done or not proc.running:
                 status = proc.exited.result()
                 tail = proc.stderr_tail()
-                if _PORT_CLASH in tail:
-                    raise _PortClash()
+                found = _find_clash(tail.encode(), info)
+                if found is not None:
+                    found.tail = tail
+                    raise found
                 raise KernelStartupError(
                     f"kernel {self.kernel_id} died while starting ({status.describe()})",
                     exit_code=status.exit_code, signal=status.signal, stderr_tail=tail,
@@ -495,11 +590,34 @@ class KernelActor(Actor):
                 f"kernel {self.kernel_id} was not ready within {timeout} s "
                 f"(kernel_info_reply {'received' if self.kernel_info else 'not received'}, "
                 f"IOPub {'live' if self._iopub_seen.is_set() else 'silent'}, "
+                f"heartbeat {'echoed' if self._hb_echoed else 'silent'}, "
                 f"{self.dropped} message(s) dropped)",
                 stderr_tail=proc.stderr_tail(), timed_out=True,
             )
         finally:
             shell.close(linger=0)
+
+    async def _prove_ready(self, shell: zmq.asyncio.Socket, info: ConnectionInfo) -> None:
+        """Shell answers (signed with our key), IOPub is live, and the heartbeat echoes."""
+        self._hb_echoed = False
+        hb = connect_channel(self._ctx, info, "hb")
+        proofs = [asyncio.ensure_future(self._handshake(shell)),
+                  asyncio.ensure_future(self._echo(hb))]
+        try:
+            await asyncio.gather(*proofs)
+        finally:
+            for proof in proofs:
+                proof.cancel()
+            await asyncio.gather(*proofs, return_exceptions=True)
+            hb.close(linger=0)
+
+    async def _echo(self, hb: zmq.asyncio.Socket) -> None:
+        token = b"ks-ready-" + uuid.uuid4().hex.encode()
+        await hb.send(token)
+        if await hb.recv() != token:
+            raise KernelStartupError(
+                f"kernel {self.kernel_id}: its heartbeat port answered with something else")
+        self._hb_echoed = True
 
     async def _handshake(self, shell: zmq.asyncio.Socket) -> None:
         session = self._session
@@ -669,6 +787,7 @@ class KernelActor(Actor):
             self._proc.close()
         if not keep_file:
             remove_connection_files(self.connection_file, self.connection_info)
+            self._release_ports()
 
     # -- restart -----------------------------------------------------------------
     async def _restart(self, msg: Restart) -> dict[str, Any]:

@@ -180,6 +180,9 @@ class KernelProcess:
         self._stderr_fd: int | None = None
         self._pidfd: int | None = None
         self._group_released = False
+        # Called (on the loop) with each chunk read from stderr; the kernel actor
+        # watches a start's stderr for bind errors through it.
+        self.stderr_listener: Callable[[bytes], None] | None = None
         self.exited: asyncio.Future[ExitStatus] = asyncio.get_running_loop().create_future()
         _reaper.register(self.pgid, owned_files)
         if popen.stderr is not None:
@@ -372,6 +375,8 @@ class KernelProcess:
             self._tail += chunk
             if len(self._tail) > _TAIL_BYTES:
                 del self._tail[: len(self._tail) - _TAIL_BYTES]
+            if self.stderr_listener is not None:
+                self.stderr_listener(chunk)
             if self._forward:
                 try:
                     sys.stderr.write(chunk.decode("utf-8", "replace"))
