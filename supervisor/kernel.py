@@ -13,6 +13,15 @@ Shutdown during a start     cuts the start short: the start fails with
                             shutdown runs (nothing left to stop)
 Restart during a shutdown   runs after it: the kernel starts again
 Shutdown during a restart   cuts the restart's start short, then shuts down
+The asker of a start goes   (its future cancelled: ``wait_for`` expired, task
+away                        cancelled, Ctrl-C in the blocking face) a queued
+                            Start/Restart is skipped; a running one is cut
+                            short: the kernel it began is killed and reaped,
+                            its files removed, ports given back; the start
+                            fails with :class:`KernelStartupError`
+                            ("cancelled") and the actor can start again
+The asker of a shutdown     the shutdown goes on to its end (a cancelled
+goes away                   wait does not leave a kernel half stopped)
 Anything after ``stop()``   fails with :class:`KernelClosedError`
 Process exits on its own    ``state`` becomes ``exited``; the parent is told
                             with :class:`ChildExited`; the actor never restarts
@@ -307,6 +316,8 @@ class KernelActor(Actor):
         self._iopub_task: asyncio.Task[None] | None = None
         self._iopub_seen = asyncio.Event()
         self._abort = asyncio.Event()
+        self._cancel = asyncio.Event()  # the asker of the running start went away
+        self._starting: object | None = None  # the Start/Restart being handled
         self._pending_shutdowns = 0
         self._hurry = asyncio.Event()
         self._pending_kills = 0
@@ -358,11 +369,33 @@ class KernelActor(Actor):
         if self.state != "exited":
             self.state = "shutdown"
 
+    def on_ask_cancelled(self, msg: object) -> None:
+        if isinstance(msg, (Start, Restart)) and msg is self._starting:
+            self.cancel_start()
+
+    def skip_cancelled(self, msg: object) -> bool:
+        return isinstance(msg, (Start, Restart))
+
+    def cancel_start(self) -> None:
+        """Cut the running start or restart short, if one runs; on the loop.
+
+        For owners whose own asker went away (a Supervisor whose caller was
+        cancelled): the start fails "cancelled" after killing what it began.
+        """
+        if self._starting is not None:
+            self._cancel.set()
+
     async def receive(self, msg: object) -> Any:
-        if isinstance(msg, Start):
-            return await self._start()
-        if isinstance(msg, Restart):
-            return await self._restart(msg)
+        if isinstance(msg, (Start, Restart)):
+            self._cancel.clear()
+            self._starting = msg
+            try:
+                if isinstance(msg, Start):
+                    return await self._start()
+                return await self._restart(msg)
+            finally:
+                self._starting = None
+                self._cancel.clear()
         if isinstance(msg, Shutdown):
             self._pending_shutdowns -= 1
             if not self._pending_shutdowns:
@@ -446,6 +479,9 @@ class KernelActor(Actor):
             attempts = self.options.port_retries + 1
             clash = _PortClash(None, None)
             for attempt in range(attempts):
+                if self._cancel.is_set():
+                    raise KernelStartupError(
+                        f"start of kernel {self.kernel_id} cancelled: its asker went away")
                 info = self._connection(fresh, spec)
                 try:
                     return await self._launch_once(spec, info)
@@ -551,7 +587,8 @@ class KernelActor(Actor):
             exited: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(proc.exited))
             abort: asyncio.Future[Any] = asyncio.ensure_future(self._abort.wait())
             bind: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(clash))
-            racers = (ready, exited, abort, bind)
+            gone: asyncio.Future[Any] = asyncio.ensure_future(self._cancel.wait())
+            racers = (ready, exited, abort, bind, gone)
             try:
                 done, _ = await asyncio.wait(
                     racers, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
@@ -582,6 +619,9 @@ class KernelActor(Actor):
                 raise KernelStartupError(
                     f"start of kernel {self.kernel_id} cancelled: a shutdown was requested"
                 )
+            if gone in done:
+                raise KernelStartupError(
+                    f"start of kernel {self.kernel_id} cancelled: its asker went away")
             if ready in done:  # the handshake itself failed
                 exc = ready.exception()
                 assert exc is not None
