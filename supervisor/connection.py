@@ -468,16 +468,26 @@ def runtime_dir() -> Path:
 
 
 def ensure_runtime_dir() -> Path:
-    """:func:`runtime_dir`, created with mode 0700 if it did not exist."""
+    """:func:`runtime_dir`, created with mode 0700 if it did not exist.
+
+    A runtime dir that cannot be made (read-only file system, a file in the
+    way, no permission, disk full) is a :class:`ConnectionFileError` naming it.
+    """
     path = runtime_dir()
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        path.mkdir(mode=0o700)
-    except FileExistsError:
-        if not path.is_dir():
-            raise ConfigurationError(f"runtime dir {path} exists but is not a directory") from None
-    else:
-        path.chmod(0o700)  # mkdir's mode is filtered by the umask
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            if not path.is_dir():
+                raise ConfigurationError(
+                    f"runtime dir {path} exists but is not a directory") from None
+        else:
+            path.chmod(0o700)  # mkdir's mode is filtered by the umask
+    except OSError as exc:
+        raise ConnectionFileError(
+            f"cannot create the runtime dir {path}: {exc.strerror or exc}", path=str(path)
+        ) from exc
     return path
 
 

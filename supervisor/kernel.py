@@ -42,8 +42,10 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
+import errno
 import os
 import re
+import resource
 import signal as _signal
 import time
 import uuid
@@ -73,9 +75,11 @@ from supervisor.connection import (
 )
 from supervisor.errors import (
     ConfigurationError,
+    ConnectionFileError,
     KernelStartupError,
     KernelStateError,
     PortInUseError,
+    ResourceExhaustedError,
     WireError,
 )
 from supervisor.kernelspec import KernelSpec, expand_env, format_kernel_cmd, get_kernel_spec
@@ -245,6 +249,65 @@ class LaunchOptions:
 
 class _StartCancelled(Exception):
     pass
+
+
+# -- resource exhaustion ----------------------------------------------------------
+_FDS_PER_START = 16  # descriptors a start may hold at its peak (probes, pipes, sockets)
+_EXHAUSTED = {
+    errno.EMFILE: "file descriptors", errno.ENFILE: "file descriptors",
+    errno.EAGAIN: "processes", errno.ENOMEM: "memory",
+    errno.ENOSPC: "disk space", errno.EDQUOT: "disk space",
+}
+_WHAT = {
+    "file descriptors": "too many open files", "processes": "no more processes",
+    "memory": "out of memory", "disk space": "no space left on the device",
+}
+
+
+def _check_fd_headroom(kernel_id: str) -> None:
+    """Refuse a start at once when the fd limit is (nearly) reached.
+
+    At the limit, ZeroMQ fails to connect silently and retries forever; a
+    start would wait its whole startup timeout for a kernel it cannot reach.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except FileNotFoundError:  # no /proc: nothing to measure with
+        return
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            used = soft
+        else:
+            return
+    if soft != resource.RLIM_INFINITY and soft - used < _FDS_PER_START:
+        raise ResourceExhaustedError(
+            f"kernel {kernel_id} not started: too many open files ({used} in use, the "
+            f"limit is {soft}; a start needs about {_FDS_PER_START} more)",
+            resource="file descriptors", errno=errno.EMFILE)
+
+
+def _exhaustion(kernel_id: str, exc: BaseException) -> ResourceExhaustedError | None:
+    """The resource a failed start ran out of, if that is what ``exc`` (or its cause) says."""
+    seen: BaseException | None = exc
+    path = exc.path if isinstance(exc, ConnectionFileError) else None
+    while seen is not None:
+        code = getattr(seen, "errno", None)
+        if isinstance(code, int) and code in _EXHAUSTED:
+            what = _EXHAUSTED[code]
+            if isinstance(seen, OSError) and seen.filename:
+                path = str(seen.filename)
+            where = f" ({path})" if path else ""
+            return ResourceExhaustedError(
+                f"kernel {kernel_id} not started: {_WHAT[what]}{where}: {seen}",
+                resource=what, errno=code)
+        if isinstance(seen, KernelStartupError) and "Too many open files" in seen.stderr_tail:
+            return ResourceExhaustedError(
+                f"kernel {kernel_id} not started: the kernel ran out of file descriptors "
+                f"(too many open files)\n{seen.stderr_tail}",
+                resource="file descriptors", errno=errno.EMFILE)
+        seen = seen.__cause__
+    return None
 
 
 class _PortClash(Exception):
@@ -473,6 +536,7 @@ class KernelActor(Actor):
                 f"start of kernel {self.kernel_id} cancelled: a shutdown was requested")
         self.state = "starting"
         try:
+            _check_fd_headroom(self.kernel_id)
             spec = self.options.resolve_spec()
             self._spec = spec
             fresh = self.connection_info is None
@@ -498,6 +562,14 @@ class KernelActor(Actor):
                 channel=clash.channel, port=clash.port, attempts=attempts,
                 stderr_tail=clash.tail,
             )
+        except (OSError, zmq.ZMQError, KernelStartupError, ConnectionFileError) as exc:
+            self.state = "exited"
+            if isinstance(exc, ResourceExhaustedError):
+                raise
+            found = _exhaustion(self.kernel_id, exc)
+            if found is not None:
+                raise found from exc
+            raise
         except BaseException:
             self.state = "exited"
             raise
