@@ -88,6 +88,13 @@ def _tmpfs(path: Path, *options: str) -> Iterator[Path]:
         subprocess.run(["umount", str(path)], check=True)
 
 
+def _fill(path: Path) -> None:
+    with contextlib.suppress(OSError), open(path, "wb") as f:
+        while True:
+            f.write(b"x" * 4096)
+            f.flush()
+
+
 async def _start_fails(connection_file: Path | None) -> BaseException:
     actor = KernelActor(LaunchOptions(spec=fake_spec(), forward_stderr=False),
                         connection_file=connection_file)
@@ -106,10 +113,7 @@ async def test_a_full_runtime_disk_is_named_and_leaves_nothing(tmp_path: Path) -
     """With the connection file's file system full, the start fails at once with a
     ResourceExhaustedError naming disk space and the file, leaving no partial file."""
     with _tmpfs(tmp_path / "full", "size=64k", "mode=0700") as disk:
-        with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
-            while True:
-                f.write(b"x" * 4096)
-                f.flush()
+        _fill(disk / "filler")
         target = disk / "kernel-full.json"
         err = await _start_fails(target)
         assert isinstance(err, ResourceExhaustedError) and err.resource == "disk space", err

@@ -32,6 +32,10 @@ from supervisor.connection import runtime_dir  # noqa: E402
 from supervisor.supervisor import Supervisor  # noqa: E402
 
 
+def _write(path: str, text: str) -> None:
+    Path(path).write_text(text)
+
+
 async def main(mode: str, arg: str) -> dict[str, object]:
     out: dict[str, object] = {}
     async with Supervisor() as sup:
@@ -57,7 +61,7 @@ async def main(mode: str, arg: str) -> dict[str, object]:
         if mode == "fds":
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         else:
-            Path("/sys/fs/cgroup/pids/cgroup.procs").write_text(str(os.getpid()))
+            _write("/sys/fs/cgroup/pids/cgroup.procs", str(os.getpid()))
         kc = KernelClient(sup.get_kernel(a).connection_info)
         kc.start_channels(hb=False)
         try:
