@@ -828,9 +828,14 @@ class KernelActor(Actor):
         """Track readiness proof, execution_state and last_activity."""
         session = self._session
         assert session is not None
-        with contextlib.suppress(asyncio.CancelledError, zmq.ZMQError):
+        with contextlib.suppress(asyncio.CancelledError):
             while True:
-                msg = await self._recv_verified(sock, session)
+                try:
+                    msg = await self._recv_verified(sock, session)
+                except zmq.ZMQError as exc:
+                    if not sock.closed:  # a watcher that ends leaves readiness unproven
+                        self._log.warning("kernel.iopub_watch_failed", error=str(exc))
+                    return
                 self.last_activity = time.monotonic()
                 self._iopub_seen.set()
                 if msg.msg_type == "status":
