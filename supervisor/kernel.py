@@ -47,6 +47,7 @@ import os
 import re
 import resource
 import signal as _signal
+import subprocess
 import time
 import uuid
 import weakref
@@ -127,6 +128,8 @@ def _kill_leftovers_at_exit() -> None:
     """
     for actor in list(_live):
         proc = actor.process
+        if actor.options.independent:
+            continue  # asked to outlive us
         if proc is not None and proc.running:
             proc.kill_tree()
         if actor.state != "shutdown":
@@ -229,8 +232,14 @@ class LaunchOptions:
     memory_limit: str | int | None = None
     cpu_limit: float | str | None = None
     launcher: Launcher | None = None
+    inherit_env: bool = True
+    stdout: int | None = None
+    stderr: int | None = None
+    independent: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("stdout", "stderr"):
+            object.__setattr__(self, name, _stream_target(name, getattr(self, name)))
         for name in ("startup_timeout", "shutdown_wait", "exit_grace", "terminate_wait"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -290,6 +299,25 @@ class LaunchOptions:
         except ConfigurationError as exc:
             raise KernelSpecError(f"kernelspec {spec.name!r}: {exc}",
                                   field="metadata") from None
+
+
+def _stream_target(name: str, value: object) -> int | None:
+    """Validate a ``stdout``/``stderr`` launch option: None, a subprocess constant, an fd
+    or an object with ``fileno()`` (turned into its fd)."""
+    if value is None:
+        return None
+    fileno = getattr(value, "fileno", None)
+    if callable(fileno):
+        value = fileno()
+    allowed = (subprocess.PIPE, subprocess.DEVNULL) + (
+        (subprocess.STDOUT,) if name == "stderr" else ())
+    if isinstance(value, bool) or not isinstance(value, int) or (value < 0
+                                                                and value not in allowed):
+        raise ConfigurationError(
+            f"{name} must be None, subprocess.PIPE, subprocess.DEVNULL"
+            f"{', subprocess.STDOUT' if name == 'stderr' else ''}, a file descriptor "
+            f"or a file, not {value!r}")
+    return value
 
 
 class _StartCancelled(Exception):
@@ -500,6 +528,19 @@ class KernelActor(Actor):
         if self._starting is not None:
             self._cancel.set()
 
+    def on_abandon(self) -> None:
+        """Our loop is gone: kill the process tree, close sockets, remove the files."""
+        if self._proc is not None:
+            self._proc.abandon()
+        with contextlib.suppress(RuntimeError):  # a task of a closed loop
+            self._close_sockets()
+        remove_connection_files(self.connection_file, self.connection_info)
+        self._release_ports()
+        self.execution_state = "dead"
+        if self.state != "exited":
+            self.state = "shutdown"
+        self._log.debug("actor.abandoned", reason=self._stop_reason)
+
     async def receive(self, msg: object) -> Any:
         if isinstance(msg, (Start, Restart)):
             self._cancel.clear()
@@ -638,18 +679,29 @@ class KernelActor(Actor):
         else:
             argv = [a.replace("{connection_file}", str(self.connection_file)) for a in argv]
             argv += list(opts.extra_arguments)
-        env = dict(os.environ)
-        env.update(expand_env(spec.env, env))
-        env.update(opts.env)
-        # ipykernel (and others) watch this pid and leave if it goes; a second
-        # guard beside the reaper, and it quiets ipykernel's stand-alone banner.
-        env["JPY_PARENT_PID"] = str(os.getpid())
+        if opts.inherit_env:
+            env = dict(os.environ)
+            env.update(expand_env(spec.env, env))
+            env.update(opts.env)
+        else:  # jupyter_client's env=: the whole environment, the kernelspec's on top
+            env = dict(opts.env)
+            env.update(expand_env(spec.env, env))
+        if not opts.independent:
+            # ipykernel (and others) watch this pid and leave if it goes; a second
+            # guard beside the reaper, and it quiets ipykernel's stand-alone banner.
+            env["JPY_PARENT_PID"] = str(os.getpid())
         t0 = time.monotonic()
         launched: list[ProcessHandle] = []  # the exit callback fires on a later loop turn
         try:
             contain, limits = opts.containment(spec)
             request = LaunchRequest(
-                argv=argv, env=env, cwd=opts.cwd, forward_stderr=opts.forward_stderr,
+                argv=argv, env=env, cwd=opts.cwd,
+                forward_stderr=opts.forward_stderr and opts.stderr is None,
+                capture_stderr=opts.stderr in (None, subprocess.PIPE),
+                stderr=None if opts.stderr in (None, subprocess.PIPE) else opts.stderr,
+                # nobody could read a pipe we made for stdout: PIPE means "not inherited"
+                stdout=subprocess.DEVNULL if opts.stdout == subprocess.PIPE else opts.stdout,
+                independent=opts.independent,
                 owned_files=[str(p) for p in (self.connection_file, *ipc_paths(info))],
                 contain=contain, limits=limits, label=self.kernel_id,
             )
@@ -822,7 +874,7 @@ class KernelActor(Actor):
         self._iopub_seen.clear()
         self._control = connect_channel(self._ctx, info, "control")
         self._iopub = connect_channel(self._ctx, info, "iopub")
-        self._iopub_task = asyncio.ensure_future(self._watch_iopub(self._iopub))
+        self._iopub_task = self.spawn(self._watch_iopub(self._iopub))
 
     async def _watch_iopub(self, sock: zmq.asyncio.Socket) -> None:
         """Track readiness proof, execution_state and last_activity."""

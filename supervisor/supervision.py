@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import zmq.asyncio
 from tornado.ioloop import PeriodicCallback
 
 from supervisor._log import get_logger
@@ -99,8 +100,10 @@ class Supervision(Actor):
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         name: str | None = None,
+        context: zmq.asyncio.Context | None = None,
     ) -> None:
         super().__init__(name=name or f"supervisor-{uuid.uuid4().hex[:8]}")
+        self._context = context  # for the kernels' control/IOPub sockets (None: shared)
         if strategy not in STRATEGIES:
             raise ConfigurationError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
         for label, value in (("max_kernels", max_kernels),
@@ -140,9 +143,18 @@ class Supervision(Actor):
 
 
     async def shutdown_all(self, now: bool = False) -> None:
-        """Stop every child, cancelling pending restarts; reverse start order."""
-        done: asyncio.Future[None] = await self.ask(ShutdownAll(now))
-        await done
+        """Stop every child, cancelling pending restarts; reverse start order (from a
+        caller that cannot reach our loop: every kernel killed from here)."""
+        if self.actor_state in ("running", "stopping") and self.unreachable() is not None:
+            for kernel_id in list(self._children):
+                self._abandon_child_if_unreachable(kernel_id)
+            return
+
+        async def shutdown_all() -> None:
+            done: asyncio.Future[None] = await self.ask(ShutdownAll(now))
+            await done
+
+        await self.call(shutdown_all)
 
     def list_kernel_ids(self) -> list[str]:
         """Ids of the kernels handed out (warm-pool kernels not included)."""
@@ -171,27 +183,30 @@ class Supervision(Actor):
 
     # == message handling ================================================================
     async def _op(self, kernel_id: str, op: str, **args: Any) -> None:
-        if op != "restart":
-            done: asyncio.Future[None] = await self.ask(Op(kernel_id, op, args))
-            await done  # a cancelled wait leaves the operation running to its end
-            return
-        asked = self.ask(Op(kernel_id, op, args))
-        try:
-            done = await asyncio.shield(asked)
-            await asyncio.shield(done)
-        except asyncio.CancelledError:
-            if not asked.done():
-                asked.cancel()  # not taken yet: skipped
+        async def op_here() -> None:
+            if op != "restart":
+                done: asyncio.Future[None] = await self.ask(Op(kernel_id, op, args))
+                await done  # a cancelled wait leaves the operation running to its end
+                return
+            asked = self.ask(Op(kernel_id, op, args))
+            try:
+                done = await asyncio.shield(asked)
+                await asyncio.shield(done)
+            except asyncio.CancelledError:
+                if not asked.done():
+                    asked.cancel()  # not taken yet: skipped
+                    raise
+                if asked.cancelled() or asked.exception() is not None:
+                    raise
+                # The caller went away: the restart's start is cut short; we return
+                # once the kernel it began is gone.
+                done = asked.result()
+                self.tell(CancelStart(kernel_id))
+                with contextlib.suppress(Exception):
+                    await done
                 raise
-            if asked.cancelled() or asked.exception() is not None:
-                raise
-            # The caller went away: the restart's start is cut short; we return once
-            # the kernel it began is gone.
-            done = asked.result()
-            self.tell(CancelStart(kernel_id))
-            with contextlib.suppress(Exception):
-                await done
-            raise
+
+        await self.call(op_here)
 
     def skip_cancelled(self, msg: object) -> bool:
         # A start or restart nobody waits for any more is not begun.
@@ -207,6 +222,37 @@ class Supervision(Actor):
         child.cancelled = True
         if isinstance(child.actor, KernelActor):
             child.actor.cancel_start()
+
+    def _on_own_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self.loop.asyncio_loop  # type: ignore[attr-defined]
+        except RuntimeError:
+            return False
+
+    def _abandon_child_if_unreachable(self, kernel_id: str) -> bool:
+        """From a caller that cannot reach our loop (closed, or not running): kill the
+        child's process group and remove its files from here. True if done so."""
+        if self.actor_state not in ("running", "stopping"):
+            return False
+        why = self.unreachable()
+        if why is None:
+            return False
+        child = self._children.pop(kernel_id, None)
+        if child is None:
+            return True  # nothing of it left; a shutdown of a gone kernel is quiet
+        self._log.debug("kernel.abandoned", kernel_id=kernel_id, reason=why)
+        child.actor.abandon(f"shut down from elsewhere: {why}")
+        return True
+
+    def on_abandon(self) -> None:
+        """Our loop is gone: every child (kernel or nested supervisor) is abandoned too."""
+        if self._culler is not None:
+            with contextlib.suppress(RuntimeError):
+                self._culler.stop()
+        for child in sorted(self._children.values(), key=lambda c: -c.order):
+            child.actor.abandon(f"{self.name} abandoned: {self._stop_reason}")
+        self._children.clear()
+        self._events.close()
 
     async def receive(self, msg: object) -> Any:
         if isinstance(msg, StartChild):
@@ -286,7 +332,7 @@ class Supervision(Actor):
         self._order += 1
         actor = KernelActor(msg.options, kernel_id=msg.kernel_id, parent=self,
                             connection_info=msg.connection_info,
-                            connection_file=msg.connection_file)
+                            connection_file=msg.connection_file, context=self._context)
         actor.start()
         child = Child(msg.kernel_id, actor, msg.policy, self._order, msg.options,
                        pooled=msg.pooled)

@@ -58,7 +58,20 @@ class Supervisor(Pooled):
         await self.close()
 
     async def close(self, now: bool = False) -> None:
-        """Shut every child down (reverse start order) and stop the supervisor."""
+        """Shut every child down (reverse start order) and stop the supervisor.
+
+        From another loop or thread: done on the supervisor's loop if it runs; if
+        that loop is closed or not running, every kernel is killed and its files
+        removed from here (:meth:`~supervisor.actor.Actor.abandon`).
+        """
+        if self.actor_state in ("new", "stopped"):
+            return
+        if self.unreachable() is not None:
+            self.abandon(f"closed from elsewhere: {self.unreachable()}")
+            return
+        if not self._on_own_loop():
+            await self.call(lambda: self.close(now))
+            return
         if self.alive:
             with contextlib.suppress(KernelDeadError):
                 await self.shutdown_all(now=now)
@@ -90,28 +103,32 @@ class Supervisor(Pooled):
         msg = StartChild(kernel_id or str(uuid.uuid4()), options, policy or self.policy,
                           connection_info=conn_info,
                           connection_file=None if conn_file is None else str(conn_file))
-        asked = self.ask(msg)
-        try:
-            ready: asyncio.Future[str] = await asyncio.shield(asked)
-            return await asyncio.shield(ready)
-        except asyncio.CancelledError:
-            if not asked.done():
-                asked.cancel()  # not taken yet: the supervisor skips it
-                raise
-            if asked.cancelled() or asked.exception() is not None:
-                raise
-            # The caller went away: the start is cut short, and we wait until the
-            # kernel it began is gone (files removed) before saying so.
-            ready = asked.result()
-            self.tell(CancelStart(msg.kernel_id))
+
+        async def start() -> str:
+            asked = self.ask(msg)
             try:
-                await ready
-            except Exception:  # the expected "cancelled" failure
-                pass
-            else:  # it was ready just before: stop it, nobody wants it
-                with contextlib.suppress(SupervisorError):
-                    await self.shutdown_kernel(msg.kernel_id, now=True)
-            raise
+                ready: asyncio.Future[str] = await asyncio.shield(asked)
+                return await asyncio.shield(ready)
+            except asyncio.CancelledError:
+                if not asked.done():
+                    asked.cancel()  # not taken yet: the supervisor skips it
+                    raise
+                if asked.cancelled() or asked.exception() is not None:
+                    raise
+                # The caller went away: the start is cut short, and we wait until the
+                # kernel it began is gone (files removed) before saying so.
+                ready = asked.result()
+                self.tell(CancelStart(msg.kernel_id))
+                try:
+                    await ready
+                except Exception:  # the expected "cancelled" failure
+                    pass
+                else:  # it was ready just before: stop it, nobody wants it
+                    with contextlib.suppress(SupervisorError):
+                        await self.shutdown_kernel(msg.kernel_id, now=True)
+                raise
+
+        return await self.call(start)
 
     async def restart_kernel(self, kernel_id: str, now: bool = False, newports: bool = False,
                              **overrides: Any) -> None:
@@ -128,7 +145,13 @@ class Supervisor(Pooled):
 
     async def shutdown_kernel(self, kernel_id: str, now: bool = False,
                               restart: bool = False) -> None:
-        """Stop a kernel; with ``restart`` it stays known (files kept) for a later start."""
+        """Stop a kernel; with ``restart`` it stays known (files kept) for a later start.
+
+        Works from any loop or thread: if the supervisor's loop is closed or not
+        running, the kernel is killed and its files removed from here.
+        """
+        if self._abandon_child_if_unreachable(kernel_id):
+            return
         await self._op(kernel_id, "shutdown", now=now, restart=restart)
 
     async def request_shutdown(self, kernel_id: str, restart: bool = False) -> None:
@@ -136,7 +159,10 @@ class Supervisor(Pooled):
         await self._op(kernel_id, "request_shutdown", restart=restart)
 
     async def finish_shutdown(self, kernel_id: str, waittime: float | None = None) -> None:
-        """Wait for the exit asked by :meth:`request_shutdown`, then force it; clean up."""
+        """Wait for the exit asked by :meth:`request_shutdown`, then force it; clean up
+        (from a loop that cannot reach the supervisor's: killed at once, as a shutdown)."""
+        if self._abandon_child_if_unreachable(kernel_id):
+            return
         await self._op(kernel_id, "finish_shutdown", waittime=waittime)
 
     async def start_supervisor(self, child_policy: RestartPolicy | None = None,
@@ -149,7 +175,10 @@ class Supervisor(Pooled):
         """
         child = Supervisor(**kwargs)
         child.parent = self
-        await self.ask(AddSupervisor(child, child_policy or self.policy))
+        async def add() -> None:
+            await self.ask(AddSupervisor(child, child_policy or self.policy))
+
+        await self.call(add)
         return child
 
     def get_kernel(self, kernel_id: str) -> KernelHandle:
