@@ -19,13 +19,20 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from supervisor.children import STRATEGIES, AddSupervisor, StartChild, SupervisorStatistics
+from supervisor.children import (
+    STRATEGIES,
+    AddSupervisor,
+    CancelStart,
+    StartChild,
+    SupervisorStatistics,
+)
 from supervisor.client import KernelClient
 from supervisor.connection import ConnectionInfo
 from supervisor.errors import (
     ConfigurationError,
     KernelDeadError,
     KernelStateError,
+    SupervisorError,
 )
 from supervisor.events import KernelEvent, Listener
 from supervisor.kernel import (
@@ -108,8 +115,28 @@ class Supervisor(Pooled):
                           connection_file=None if conn_file is None else str(conn_file))
 
         async def start() -> str:
-            ready: asyncio.Future[str] = await self.ask(msg)
-            return await ready
+            asked = self.ask(msg)
+            try:
+                ready: asyncio.Future[str] = await asyncio.shield(asked)
+                return await asyncio.shield(ready)
+            except asyncio.CancelledError:
+                if not asked.done():
+                    asked.cancel()  # not taken yet: the supervisor skips it
+                    raise
+                if asked.cancelled() or asked.exception() is not None:
+                    raise
+                # The caller went away: the start is cut short, and we wait until the
+                # kernel it began is gone (files removed) before saying so.
+                ready = asked.result()
+                self.tell(CancelStart(msg.kernel_id))
+                try:
+                    await ready
+                except Exception:  # the expected "cancelled" failure
+                    pass
+                else:  # it was ready just before: stop it, nobody wants it
+                    with contextlib.suppress(SupervisorError):
+                        await self.shutdown_kernel(msg.kernel_id, now=True)
+                raise
 
         return await self.call(start)
 
