@@ -215,6 +215,7 @@ class ProcessHandle(Protocol):
     exited: asyncio.Future[ExitStatus]
     final: ExitStatus | None
     method: str
+    stderr_listener: Callable[[bytes], None] | None
 
     @property
     def running(self) -> bool: ...

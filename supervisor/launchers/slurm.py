@@ -316,6 +316,7 @@ class SlurmProcess:
         self._changed = asyncio.Event()
         self.final: ExitStatus | None = None
         self.job: slurmjobs.JobInfo | None = None
+        self.stderr_listener: Callable[[bytes], None] | None = None  # told each chunk
         self._server: ReportServer | None = server
         self._expected = expected
         self._on_exit = on_exit
@@ -710,6 +711,8 @@ class SlurmProcess:
             if len(self._tail) > _TAIL_BYTES:
                 del self._tail[: len(self._tail) - _TAIL_BYTES]
             self._scan(chunk)
+            if self.stderr_listener is not None:
+                self.stderr_listener(chunk)
             if self._forward:
                 with contextlib.suppress(OSError, ValueError):
                     sys.stderr.write(chunk.decode("utf-8", "replace"))
