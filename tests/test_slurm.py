@@ -385,7 +385,7 @@ def test_close_after_the_start_loop_closed_cancels_the_job() -> None:
 async def test_job_pending_past_the_startup_timeout_is_cancelled_with_its_reason() -> None:
     """A job that cannot start (node full) fails the start with Slurm's reason; it is cancelled."""
     blocker = slurm("sbatch", "--parsable", "-w", "node1", "--cpus-per-task=8",
-                    "--job-name=blocker", "--wrap", "exec sleep 300").strip()
+                    "--job-name=blocker", "--output=/dev/null", "--wrap", "exec sleep 300").strip()
     assert blocker.isdigit()
     try:
         assert wait_until(lambda: job_state(blocker) == "RUNNING", 20)
@@ -406,7 +406,7 @@ async def test_job_pending_past_the_startup_timeout_is_cancelled_with_its_reason
 async def test_pending_is_a_state_with_a_reason_then_the_kernel_starts() -> None:
     """A job waiting for a full node is pending with Slurm's reason, and starts once it frees."""
     blocker = slurm("sbatch", "--parsable", "-w", "node1", "--cpus-per-task=8",
-                    "--job-name=blocker", "--wrap", "exec sleep 300").strip()
+                    "--job-name=blocker", "--output=/dev/null", "--wrap", "exec sleep 300").strip()
     assert blocker.isdigit()
     launched: asyncio.Future[SlurmProcess] = asyncio.get_running_loop().create_future()
     launcher = SlurmLauncher({"nodelist": "node1"}, on_launch=launched.set_result)
