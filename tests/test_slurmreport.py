@@ -172,6 +172,9 @@ def test_a_job_still_completing_is_named_by_its_reason_and_exit(reason: str, cod
      "CANCELLED"),
     ("slurmstepd-node3: error: StepId=21.0 exceeded memory limit (233631744 > 157286400), "
      "being killed", "OUT_OF_MEMORY"),
+    ("slurmstepd-node3: error: StepId=21.0 exceeded memory limit (233631744 > 157286400), "
+     "being killed\nslurmstepd-node3: error: *** STEP 21.0 ON node3 CANCELLED AT "
+     "2026-11-30T23:45:20 ***", "OUT_OF_MEMORY"),
     ("srun: error: node3: task 0: Killed", "FAILED"),
     ("srun: error: node3: task 0: Exited with exit code 3", "FAILED"),
     ("srun: job 12 has been allocated resources", None),

@@ -147,11 +147,11 @@ _BY_WORDS = {"TIME LIMIT": "TIMEOUT", "NODE FAILURE": "NODE_FAIL", "PREEMPTION":
 def state_from_stderr(text: str) -> str | None:
     """The job's end as slurmstepd told it through srun ("*** STEP 12.0 ON node2
     CANCELLED AT ... DUE TO TIME LIMIT ***"): known before slurmctld's record is final."""
+    if _STEP_OOM.search(text):  # then slurmstepd also says the step was CANCELLED
+        return "OUT_OF_MEMORY"
     found = None
     for match in _STEP_END.finditer(text):
         found = _BY_WORDS.get(match.group(1) or "", "CANCELLED")
-    if found is None and _STEP_OOM.search(text):
-        found = "OUT_OF_MEMORY"
     if found is None and _TASK_END.search(text):  # the task died on its own
         found = "FAILED"
     return found
@@ -177,7 +177,7 @@ def job_cause(job: JobInfo, stderr: str = "") -> tuple[str, bool]:
         if not state:
             state = "FAILED" if job.signal or job.exit_code else "COMPLETED"
     oom = _STEP_OOM.search(stderr) if stderr else None
-    if state == "OUT_OF_MEMORY" or (oom is not None and state != "CANCELLED"):
+    if state == "OUT_OF_MEMORY" or oom is not None:
         detail = "the job exceeded its memory"
         if oom is not None and oom.group(1):
             used, limit = int(oom.group(1)) >> 20, int(oom.group(2)) >> 20
