@@ -70,9 +70,9 @@ from supervisor.kernel import (
     Signal,
     Start,
 )
+from supervisor.launchers import ExitStatus
 from supervisor.policy import ExitInfo, GiveUp, RestartHistory, RestartPolicy, decide
 from supervisor.policy import Restart as RestartDecision
-from supervisor.process import ExitStatus
 from supervisor.startgate import StartGate
 
 __all__ = ["Supervision"]
@@ -214,6 +214,7 @@ class Supervision(Actor):
             supervisor=self.name, kernel_name=child.kernel_name if child else "",
             exit_code=status.exit_code if status else None,
             signal=status.signal if status else None, reason=reason,
+            cause=status.cause if status else "", oom=status.oom if status else False,
             restart_count=child.restart_count if child else 0, delay=delay, manual=manual,
             at=self._clock(),
         )
@@ -366,7 +367,10 @@ class Supervision(Actor):
             self._give_up(child, status, decision.reason)
             return
         if not isinstance(decision, RestartDecision):
-            self._emit("dead", child, status=status, reason=f"not restarted: {decision.reason}")
+            why = f"not restarted: {decision.reason}"
+            if status.cause or status.tree_ended:
+                why = f"{why}; last exit: {status.describe()}"
+            self._emit("dead", child, status=status, reason=why)
             self._remove(child)
             return
         child.history = child.history.restarted(now, child.policy)
@@ -415,12 +419,15 @@ class Supervision(Actor):
                 self._cancel_timer(member)
                 member.epoch += 1
                 member.status = "failed"
-                member.actor.tell(Shutdown(now=True)) if isinstance(member.actor, KernelActor) \
+                member.actor.tell(Shutdown(now=True, cause="gave up")) \
+                    if isinstance(member.actor, KernelActor) \
                     else member.actor.tell(ShutdownAll(now=True))
             self._emit("gave_up", None, reason=f"{child.kernel_id}: {why}")
             self.parent.tell(ChildExited(self.name, ExitStatus(1, None), 0.0,
                                          reason=f"nested supervisor {self.name} gave up: {why}"))
             return
+        if status.cause or status.tree_ended:
+            why = f"{why}; last exit: {status.describe()}"
         nested = child.actor if isinstance(child.actor, Supervision) else None
         for kid in ([child.kernel_id] if nested is None else nested.all_kernel_ids()):
             self._emit("dead", child, kernel_id=kid, status=status, reason=why)
@@ -474,7 +481,8 @@ class Supervision(Actor):
             child.status = "stopping"
             self._fail_waiters(child, KernelStartupError(
                 f"start of kernel {child.kernel_id} cancelled by a shutdown"))
-            request = Shutdown(now=args["now"], restart=args["restart"])
+            request = Shutdown(now=args["now"], restart=args["restart"],
+                               cause=args.get("reason", ""))
         elif msg.op == "request_shutdown":
             self._cancel_timer(child)
             child.epoch += 1
@@ -541,8 +549,10 @@ class Supervision(Actor):
             child.status = "stopped"
             self._emit("shutdown", child, reason="stopped for a later start", manual=True)
         else:
-            self._emit("shutdown", child, reason=msg.args.get("reason", "requested"),
-                       manual=True)
+            reason = msg.args.get("reason", "requested")
+            last = actor.last_exit if isinstance(actor, KernelActor) else None
+            self._emit("shutdown", child, status=last, manual=True,
+                       reason=reason if last is None else f"{reason} ({last.describe()})")
             self._remove(child)
 
     def _on_shutdown_all(self, msg: ShutdownAll) -> asyncio.Future[None]:

@@ -31,6 +31,7 @@ from supervisor.events import KernelEvent, Listener
 from supervisor.kernel import (
     KernelActor,
 )
+from supervisor.launchers import Resources
 from supervisor.policy import RestartPolicy
 from supervisor.pool import Pooled
 
@@ -176,10 +177,16 @@ class Supervisor(Pooled):
             self._events.unsubscribe(wrapper)
 
     def statistics(self) -> SupervisorStatistics:
-        """A frozen snapshot of counts by state, restarts, pool and pending starts."""
+        """A frozen snapshot of counts by state, restarts, pool and pending starts, and
+        each kernel's :class:`~supervisor.launchers.Resources` (memory, CPU, processes)."""
         by_state: dict[str, int] = {}
         pool: dict[str, int] = dict.fromkeys(self.warm, 0)
+        resources: dict[str, Resources] = {}
         for child in self._children.values():
+            if isinstance(child.actor, KernelActor):
+                figures = child.actor.resources()
+                if figures is not None:
+                    resources[child.kernel_id] = figures
             by_state[child.status] = by_state.get(child.status, 0) + 1
             if child.pooled and child.status == "ready":
                 pool[child.kernel_name] = pool.get(child.kernel_name, 0) + 1
@@ -188,6 +195,7 @@ class Supervisor(Pooled):
             by_state=MappingProxyType(by_state), pending_starts=self._gate.pending,
             restarts=self._restarts, gave_up=self._gave_up, pool=MappingProxyType(pool),
             pool_target=MappingProxyType(dict(self.warm)), events=self._events.delivered,
+            resources=MappingProxyType(resources),
         )
 
     def actor_of(self, kernel_id: str) -> KernelActor:

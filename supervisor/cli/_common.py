@@ -317,7 +317,7 @@ def kill_now(sup: Supervisor) -> None:
         with contextlib.suppress(KernelStateError):
             proc = sup.actor_of(kid).process
             if proc is not None:
-                proc.kill()
+                proc.kill_tree()
 
 
 
