@@ -71,9 +71,9 @@ from supervisor.launchers import (
     Launcher,
     LaunchRequest,
     Limits,
-    LocalLauncher,
     ProcessHandle,
     Resources,
+    launcher_named,
 )
 from supervisor.wire import Message, Session
 
@@ -111,7 +111,7 @@ def _kill_leftovers_at_exit() -> None:
         if actor.state != "shutdown":
             remove_connection_files(actor.connection_file, actor.connection_info)
 _ENCRYPTION_MODES = ("disabled", "auto", "required")
-_default_launcher = LocalLauncher()
+_default_launcher: Launcher = launcher_named("exec")
 
 
 # -- messages -------------------------------------------------------------------
@@ -207,7 +207,7 @@ class LaunchOptions:
     contain: str = "auto"
     memory_limit: str | int | None = None
     cpu_limit: float | str | None = None
-    launcher: Launcher | None = None
+    launcher: Launcher | str | None = None
 
     def __post_init__(self) -> None:
         for name in ("startup_timeout", "shutdown_wait", "exit_grace", "terminate_wait"):
@@ -223,6 +223,8 @@ class LaunchOptions:
             raise ConfigurationError(f"contain must be one of {CONTAIN_MODES}, not "
                                      f"{self.contain!r}")
         Limits.parse(self.memory_limit, self.cpu_limit)  # a bad value fails here, named
+        if isinstance(self.launcher, str):
+            launcher_named(self.launcher)  # an unknown name fails here
         if self.transport not in ("tcp", "ipc"):
             raise ConfigurationError(f"transport must be 'tcp' or 'ipc', not {self.transport!r}")
         raw: tuple[object, object] = (self.extra_arguments, self.kernel_cmd)
@@ -247,6 +249,19 @@ class LaunchOptions:
     def resolve_spec(self) -> KernelSpec:
         """The kernelspec to launch (looked up by name unless given)."""
         return self.spec if self.spec is not None else get_kernel_spec(self.kernel_name)
+
+    def pick_launcher(self, spec: KernelSpec) -> Launcher:
+        """These options' launcher, else the kernelspec's ``metadata.launcher``, else exec."""
+        choice = self.launcher if self.launcher is not None else spec.metadata.get("launcher")
+        if choice is None:
+            return _default_launcher
+        if not isinstance(choice, str):
+            return choice
+        try:
+            return launcher_named(choice)
+        except ConfigurationError as exc:
+            raise KernelSpecError(f"kernelspec {spec.name!r}: {exc}",
+                                  field="metadata.launcher") from None
 
     def containment(self, spec: KernelSpec) -> tuple[str, Limits]:
         """(contain mode, limits): these options, else the kernelspec's ``metadata``.
@@ -486,7 +501,10 @@ class KernelActor(Actor):
                 owned_files=[str(p) for p in (self.connection_file, *ipc_paths(info))],
                 contain=contain, limits=limits, label=self.kernel_id,
             )
-            launcher = opts.launcher or _default_launcher
+            launcher = opts.pick_launcher(spec)
+            prepare = getattr(launcher, "prepare", None)
+            if prepare is not None:  # e.g. the fork server starting its template
+                await prepare(request)
             proc = launcher.launch(
                 request, lambda status: self.tell(ProcessExited(launched[0], status)))
         except (KernelStartupError, KernelSpecError):

@@ -43,7 +43,8 @@ Every launcher keeps three guarantees: nothing the kernel starts outlives
 ``cleanup``; nothing outlives the supervising process, even when it is
 SIGKILLed (the reaper sidecar, :mod:`supervisor.launchers.reaper`); and
 limits are enforced by the best method the machine offers, named in
-``resources()``. A fork server and a Slurm launcher plug in here later.
+``resources()``. The fork server (:mod:`supervisor.launchers.forkserver`) is one; a Slurm
+launcher plugs in here later.
 
 Containment, and why this way
 =============================
@@ -82,6 +83,7 @@ killer ends the tree's largest process and the cgroup records it), else
 
 from __future__ import annotations
 
+from supervisor.errors import ConfigurationError
 from supervisor.launchers.base import (
     CONTAIN_MODES,
     ExitStatus,
@@ -94,12 +96,15 @@ from supervisor.launchers.base import (
     parse_cpu_limit,
     parse_memory_limit,
 )
+from supervisor.launchers.forkserver import ForkServerLauncher
 from supervisor.launchers.local import LocalLauncher, LocalProcess
 from supervisor.launchers.reaper import reaper_pid
 
 __all__ = [
     "CONTAIN_MODES",
+    "LAUNCHER_NAMES",
     "ExitStatus",
+    "ForkServerLauncher",
     "LaunchRequest",
     "Launcher",
     "Limits",
@@ -108,7 +113,27 @@ __all__ = [
     "ProcessHandle",
     "Resources",
     "format_bytes",
+    "launcher_named",
     "parse_cpu_limit",
     "parse_memory_limit",
     "reaper_pid",
 ]
+
+LAUNCHER_NAMES = ("exec", "fork")
+_shared: dict[str, Launcher] = {}
+
+
+def launcher_named(name: str) -> Launcher:
+    """The process-wide launcher called ``name``: ``"exec"`` (local) or ``"fork"``.
+
+    One shared instance each, so kernels with the same interpreter share a
+    fork-server template whatever loop starts them.
+    """
+    if name not in LAUNCHER_NAMES:
+        raise ConfigurationError(f"launcher must be one of {LAUNCHER_NAMES}, not {name!r}")
+    if name not in _shared:
+        local = _shared.setdefault("exec", LocalLauncher())
+        if name == "fork":
+            assert isinstance(local, LocalLauncher)
+            _shared["fork"] = ForkServerLauncher(fallback=local)
+    return _shared[name]

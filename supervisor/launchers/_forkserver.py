@@ -46,12 +46,6 @@ import sys
 import types
 from typing import Any
 
-gc.disable()
-# Run as a script, sys.path[0] is this directory: our own modules must not
-# shadow anything the kernel imports.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
 PRELOAD = (
     "ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell", "ipykernel.iostream",
     "ipykernel.heartbeat", "ipykernel.comm", "ipykernel.eventloops", "ipykernel.debugger",
@@ -248,6 +242,12 @@ def run_kernel(spawn: Spawn) -> None:
 
 
 if __name__ == "__main__":
+    gc.disable()  # until the imports are done and frozen; each kernel turns it on
+    # Run as a script, sys.path[0] is this directory: our own modules must not
+    # shadow anything the kernel imports.
+    if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(
+            os.path.abspath(__file__)):
+        del sys.path[0]
     _spawn = serve(int(sys.argv[1]))
     if _spawn is not None:
         run_kernel(_spawn)
