@@ -63,6 +63,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -88,7 +89,6 @@ _FLAGS = {"-B", "-E", "-I", "-O", "-OO", "-P", "-s", "-S", "-u", "-q", "-b", "-b
 _FLAGS_WITH_VALUE = ("-X", "-W")
 _IMPORT_ENV = ("PYTHON", "LD_", "LC_")
 _IMPORT_ENV_NAMES = ("LANG", "HOME")
-SPAWN_TIMEOUT = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +133,8 @@ def plan_fork(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Fork
             flags += [head, rest.pop(0)]
         elif head.startswith(_FLAGS_WITH_VALUE) and len(head) > 2:
             flags.append(head)
+        elif not head.startswith("-"):
+            return f"the kernel runs {head!r}, not 'python -m ipykernel_launcher' (or ipykernel)"
         else:
             return f"interpreter option {head!r} is not one the fork server reproduces"
     if len(rest) < 2 or rest[1] not in _MODULES:
@@ -156,8 +158,9 @@ def _stat(path: str) -> tuple[int, int, int] | None:
 class Template:
     """One template process, its socket and its reader thread."""
 
-    def __init__(self, plan: ForkPlan) -> None:
+    def __init__(self, plan: ForkPlan, spawn_timeout: float = 10.0) -> None:
         self.plan = plan
+        self.spawn_timeout = spawn_timeout
         self.hello: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
         self.retired = False
         self.dead = False
@@ -222,6 +225,10 @@ class Template:
         if idle:
             self._quit()
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until the template has exited and been reaped (or ``timeout``)."""
+        self._thread.join(timeout)
+
     def _quit(self) -> None:
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_WR)
@@ -245,7 +252,7 @@ class Template:
             with self._send_lock:
                 self._sock.sendmsg([_HEADER.pack(len(body)) + body],
                                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-            reply = waiter.result(SPAWN_TIMEOUT)
+            reply = waiter.result(self.spawn_timeout)
         except (OSError, concurrent.futures.TimeoutError) as exc:
             self._kill()
             raise _TemplateGone from exc
@@ -433,6 +440,8 @@ class ForkServerLauncher:
     """Forks ipykernel kernels from templates; execs what it cannot fork.
 
     ``strict`` turns every fall back into a :class:`KernelStartupError`;
+    ``start_timeout`` bounds a template's start, ``spawn_timeout`` one fork
+    (a template that does not answer in time is killed: never a hang);
     ``fallback`` is the launcher used otherwise (a :class:`LocalLauncher`,
     whose cgroup probe the forked kernels share).
     """
@@ -440,13 +449,15 @@ class ForkServerLauncher:
     name = "fork"
 
     def __init__(self, *, fallback: LocalLauncher | None = None, strict: bool = False,
-                 start_timeout: float = 60.0) -> None:
+                 start_timeout: float = 60.0, spawn_timeout: float = 10.0) -> None:
         self._local = fallback or LocalLauncher()
         self.strict = strict
         self.start_timeout = start_timeout
         self._lock = threading.Lock()
         self._templates: dict[tuple[object, ...], Template] = {}
         self._refused: dict[tuple[object, ...], str] = {}
+        self._started: list[Template] = []
+        self.spawn_timeout = spawn_timeout
         self.forks = 0
         self.fallbacks = 0
 
@@ -463,7 +474,23 @@ class ForkServerLauncher:
         for template in old:
             template.retire()
 
-    close = refresh
+    def close(self, timeout: float = 5.0) -> bool:
+        """Retire every template and wait for the idle ones to exit; True if all did.
+
+        A template that still has kernels lives until they exit (they die with it).
+        """
+        self.refresh()
+        with self._lock:
+            started, self._started = self._started, []
+        deadline = time.monotonic() + timeout
+        left = []
+        for template in started:
+            template.join(max(0.0, deadline - time.monotonic()))
+            if not template.dead:
+                left.append(template)
+        with self._lock:
+            self._started.extend(left)
+        return not left
 
     def _template(self, plan: ForkPlan) -> Template | str:
         """The live template for ``plan``, started if needed; or why there is none."""
@@ -477,7 +504,8 @@ class ForkServerLauncher:
                 template.retire()
                 template = None
             if template is None:
-                template = self._templates[plan.key] = Template(plan)
+                template = self._templates[plan.key] = Template(plan, self.spawn_timeout)
+                self._started = [t for t in self._started if not t.dead] + [template]
             return template
 
     async def prepare(self, request: LaunchRequest) -> None:
