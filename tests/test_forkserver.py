@@ -213,12 +213,17 @@ async def test_a_stuck_template_fails_the_start_without_hanging(
 
 async def test_a_spec_that_is_not_ipykernel_falls_back_to_exec(
         sup: Supervisor, fork: ForkServerLauncher) -> None:
-    """A kernelspec the template cannot run is exec'd, with a warning that says why."""
+    """A kernelspec the template cannot run is exec'd, with a warning and a ready event that
+    say why."""
     spec = KernelSpec(name="fake", argv=(sys.executable, str(FAKE_KERNEL), "-f",
                                          "{connection_file}"),
                       display_name="fake", language="python", resource_dir=HERE / "kernels")
+    events = Events()
+    sup.subscribe(events)
     with capture_logs() as logs:
         kid = await sup.start_kernel(spec=spec)
+    ready = (await events.wait_for(lambda e: e.kind == "ready"))[0]
+    assert ready.reason.startswith("exec'd, not forked: the kernel runs")
     proc = sup.actor_of(kid).process
     assert isinstance(proc, LocalProcess) and not isinstance(proc, ForkedProcess)
     warning = next(e for e in logs if e["event"] == "launcher.fork_fallback")

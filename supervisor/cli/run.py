@@ -29,6 +29,7 @@ from supervisor.client import KernelClient
 from supervisor.errors import ChannelTimeout, KernelDeadError, KernelDiedError, KernelStateError
 from supervisor.events import KernelEvent
 from supervisor.kernelspec import get_kernel_spec
+from supervisor.launchers import LAUNCHER_NAMES
 from supervisor.manager import AsyncKernelManager
 from supervisor.policy import RestartPolicy
 from supervisor.supervisor import Supervisor
@@ -49,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="give up if the code has not finished after S seconds (default: never)")
     p.add_argument("--startup-timeout", type=seconds_arg, default=60.0, metavar="S",
                    help="seconds the kernel may take to start (default 60)")
+    p.add_argument("--launcher", choices=LAUNCHER_NAMES, default=None,
+                   help="how kernels start: exec (a new interpreter) or fork (from a "
+                        "template that imported ipykernel once; Python kernels only, "
+                        "others are exec'd); default: the kernelspec's metadata, else exec")
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
@@ -69,7 +74,8 @@ async def _run(args: argparse.Namespace, code: str, forward_stderr: bool) -> int
     stop: asyncio.Future[BaseException] = loop.create_future()
     sup = Supervisor(policy=RestartPolicy.never(), name="run")
     km = AsyncKernelManager(args.kernel, autorestart=False, supervisor=sup,
-                            forward_stderr=forward_stderr, startup_timeout=args.startup_timeout)
+                            forward_stderr=forward_stderr, startup_timeout=args.startup_timeout,
+                            launcher=args.launcher)
     kc: KernelClient | None = None
     running = now = False
     interrupts = 0

@@ -36,6 +36,7 @@ from supervisor.errors import ConfigurationError
 from supervisor.events import EVENT_KINDS, KernelEvent
 from supervisor.kernel import LaunchOptions
 from supervisor.kernelspec import get_kernel_spec
+from supervisor.launchers import LAUNCHER_NAMES
 from supervisor.policy import RESTART_TYPES, Backoff, RestartPolicy
 from supervisor.supervisor import STRATEGIES, Supervisor
 
@@ -81,6 +82,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds between redraws of the status table (default 1)")
     p.add_argument("--startup-timeout", type=seconds_arg, default=60.0, metavar="S",
                    help="seconds a kernel may take to start (default 60)")
+    p.add_argument("--launcher", choices=LAUNCHER_NAMES, default=None,
+                   help="how kernels start: exec (a new interpreter) or fork (from a "
+                        "template that imported ipykernel once; Python kernels only, "
+                        "others are exec'd); default: the kernelspec's metadata, else exec")
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
@@ -112,7 +117,8 @@ class _Supervise:
             policy=policy, strategy=args.strategy, name="supervise",
             warm={args.kernel: args.warm} if args.warm else None,
             launch=LaunchOptions(kernel_name=args.kernel, forward_stderr=forward_stderr,
-                                 startup_timeout=args.startup_timeout),
+                                 startup_timeout=args.startup_timeout,
+                                 launcher=args.launcher),
             rng=random.Random(self.rng.random()))
         self.rows: dict[str, list[Any]] = {}  # id -> [last kind, last text, restarts]
         self.counts: collections.Counter[str] = collections.Counter()

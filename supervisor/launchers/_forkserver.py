@@ -73,6 +73,10 @@ def _send(sock: socket.socket, message: dict[str, Any]) -> None:
     sock.sendall(_HEADER.pack(len(data)) + data)
 
 
+def _complete(buffer: bytearray) -> bool:
+    return len(buffer) >= 4 and len(buffer) >= 4 + _HEADER.unpack(bytes(buffer[:4]))[0]
+
+
 def _recv(sock: socket.socket, buffer: bytearray
           ) -> tuple[dict[str, Any], list[int]] | None:
     """One message and its fds, or None at end of file."""
@@ -194,7 +198,11 @@ def serve(fd: int) -> Spawn | None:
     children: dict[int, int] = {}  # pid -> pidfd
     buffer = bytearray()
     while True:
-        ready, _, _ = select.select([sock.fileno(), *children.values()], [], [])
+        waiting = _complete(buffer)  # a whole request already read: do not block
+        ready, _, _ = select.select([sock.fileno(), *children.values()], [], [],
+                                    0 if waiting else None)
+        if waiting:
+            ready.append(sock.fileno())
         if any(fd != sock.fileno() for fd in ready):
             _relay_exits(sock, children)
         if sock.fileno() not in ready:

@@ -403,11 +403,17 @@ class ForkedProcess(LocalProcess):
         code = os.waitstatus_to_exitcode(raw) if raw >= 0 else 1
         if raw < 0:
             self._cause = "exit status lost by the fork server"
-        self._aloop.call_soon_threadsafe(self._settle, code)
+        self._call(self._settle, code)
 
     def orphaned(self) -> None:
         """Any thread: the template is gone; the kernel dies with it (PDEATHSIG)."""
-        self._aloop.call_soon_threadsafe(self._watch_orphan)
+        self._call(self._watch_orphan)
+
+    def _call(self, callback: Callable[..., None], *args: Any) -> None:
+        try:
+            self._aloop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # its loop is closed: nobody is left to tell
+            pass
 
     def _watch_orphan(self) -> None:
         if self.exited.done() or self._watch is not None:
@@ -559,7 +565,9 @@ class ForkServerLauncher:
             raise KernelStartupError(f"cannot fork the kernel: {why}")
         self.fallbacks += 1
         log.warning("launcher.fork_fallback", label=request.label, why=why)
-        return self._local.launch(request, on_exit)
+        proc = self._local.launch(request, on_exit)
+        proc.launch_note = f"exec'd, not forked: {why}"
+        return proc
 
     def _fork(self, template: Template, plan: ForkPlan, request: LaunchRequest,
               on_exit: Callable[[ExitStatus], None] | None) -> ForkedProcess:
