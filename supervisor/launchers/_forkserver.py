@@ -50,8 +50,10 @@ PRELOAD = (
     "ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell", "ipykernel.iostream",
     "ipykernel.heartbeat", "ipykernel.comm", "ipykernel.eventloops", "ipykernel.debugger",
     "IPython.core.interactiveshell", "IPython.core.completer", "IPython.core.history",
-    "IPython.core.debugger", "jupyter_client.session", "zmq.asyncio", "tornado.ioloop",
-    "sqlite3", "pdb", "pydoc", "psutil",
+    "IPython.core.debugger", "IPython.core.completerlib", "IPython.core.logger",
+    "IPython.core.oinspect", "IPython.extensions.storemagic", "IPython.utils.wildcard",
+    "jupyter_client.session", "zmq.asyncio", "tornado.ioloop", "tornado.platform.asyncio",
+    "faulthandler", "sqlite3", "pdb", "pydoc", "psutil",
 )
 _HEADER = struct.Struct(">I")
 _MAX_FDS = 3
@@ -187,6 +189,13 @@ def _relay_exits(sock: socket.socket, children: dict[int, int]) -> None:
 def serve(fd: int) -> Spawn | None:
     """The template's loop; returns a :class:`Spawn` in a forked child, None at the end."""
     sock = socket.socket(fileno=fd)
+    try:
+        return _serve(sock)
+    except (BrokenPipeError, ConnectionResetError):  # the supervisor is gone
+        return None
+
+
+def _serve(sock: socket.socket) -> Spawn | None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # our session's Ctrl-C is not for us
     failed = _preload()
     gc.collect()
