@@ -12,7 +12,9 @@ Rows: one start -> ready; N concurrent starts (10, 20) -> all ready; restart
 -> ready; PSS per idle kernel (the sum of ``Pss`` in ``/proc/PID/smaps_rollup``
 over the kernels, and the fork server's template too, divided by the number of
 kernels: the template's pages are the kernels' shared pages); and, ours only,
-a warm pool of 2 served a burst of 6 acquires (pool + exec vs pool + fork).
+SIGKILL -> the Supervisor's ``exited`` event (the fork server relays the
+status), and a warm pool of 2 serving a burst of 6 acquires (pool + exec vs
+pool + fork).
 
 The template is started by one untimed warm-up start (and timed once, as
 ``fork cold start``). Results: a markdown table printed and written with the
@@ -136,6 +138,29 @@ class Bench:
             await asyncio.gather(*(self.dispose(name, h) for h in handles),
                                  return_exceptions=True)
 
+    async def crash(self, name: str) -> None:
+        """SIGKILL of an idle kernel -> the Supervisor's 'exited' event (ours only)."""
+        from supervisor.kernel import LaunchOptions
+        from supervisor.policy import RestartPolicy
+
+        launch = LaunchOptions(forward_stderr=False, launcher=name)
+        async with self.Supervisor(launch=launch,
+                                   policy=RestartPolicy(restart="temporary")) as sup:
+            exited = asyncio.Event()
+
+            async def listener(ev: Any) -> None:
+                if ev.kind == "exited":
+                    exited.set()
+
+            sup.subscribe(listener)
+            kid = await sup.start_kernel(self.kernel)
+            pid = sup.actor_of(kid).pid
+            assert pid is not None
+            t0 = time.perf_counter()
+            os.kill(pid, 9)
+            await asyncio.wait_for(exited.wait(), 30)
+            self.put("crash_detect", name, time.perf_counter() - t0)
+
     async def pool_burst(self, name: str, pool: int, burst: int) -> None:
         from supervisor.kernel import LaunchOptions
 
@@ -170,12 +195,13 @@ def table(samples: dict[str, dict[str, list[float]]]) -> str:
     for row, by in samples.items():
         med = {n: statistics.median(v) for n, v in by.items() if v}
         unit = "MiB" if row.startswith("pss") else "s"
+        digits = 4 if row == "crash_detect" else 3
 
-        def cell(n: str, med: dict[str, float] = med, unit: str = unit, by: dict[str, list[float]]
-                 = by) -> str:
+        def cell(n: str, med: dict[str, float] = med, unit: str = unit,
+                 by: dict[str, list[float]] = by, digits: int = digits) -> str:
             if n not in med:
                 return "n/a"
-            return f"{med[n]:.3f} {unit} (n={len(by[n])})"
+            return f"{med[n]:.{digits}f} {unit} (n={len(by[n])})"
 
         def ratio(a: str, b: str, med: dict[str, float] = med) -> str:
             return f"{med[a] / med[b]:.2f}x" if a in med and b in med and med[b] else "n/a"
@@ -217,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
                 if error:
                     failures.append(f"{label}[{i}] {name}: {error}")
             print(f"  {label} {i + 1}/{runs} done", file=sys.stderr, flush=True)
+    for i in range(args.runs):
+        for name in ("exec", "fork"):
+            error = run(lambda name=name: bench.crash(name))
+            if error:
+                failures.append(f"crash[{i}] {name}: {error}")
     for i in range(max(1, args.concurrent_runs)):
         for name in ("exec", "fork"):
             error = run(lambda name=name: bench.pool_burst(name, 2, 6))

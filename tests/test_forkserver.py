@@ -387,3 +387,25 @@ def test_sigkill_of_the_supervisor_leaves_no_kernel_and_no_template(tmp_path: Pa
     assert pid_gone(info["reaper"], 10)  # it exits once everything is gone
     left = [pid for pid in info["kernels"] + info["templates"] if not pid_gone(pid, 0)]
     assert left == []
+
+
+def test_cli_run_with_launcher_fork_runs_code_in_a_forked_kernel(tmp_path: Path) -> None:
+    """`run --launcher fork` runs the code in a kernel whose parent is not the CLI (the
+    template), and leaves no runtime file behind."""
+    runtime = tmp_path / "runtime"
+    result = subprocess.run(
+        [sys.executable, "-m", "supervisor", "run", "--launcher", "fork", "-c",
+         "import os; print('parent-is-cli', os.getppid() == int(os.environ['JPY_PARENT_PID']))"],
+        cwd=REPO, env={**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime)},
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "parent-is-cli False" in result.stdout
+    assert not runtime.exists() or list(runtime.iterdir()) == []
+
+
+def test_an_unknown_launcher_name_is_a_configuration_error() -> None:
+    """launcher='spawn' is refused when the options are made, naming the choices."""
+    from supervisor.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"launcher must be one of \('exec', 'fork'\)"):
+        LaunchOptions(launcher="spawn")

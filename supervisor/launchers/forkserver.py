@@ -48,25 +48,14 @@ until its last kernel exits, since its kernels die with it.
 
 from __future__ import annotations
 
-import array
 import asyncio
-import concurrent.futures
-import contextlib
-import dataclasses
-import json
 import os
-import re
-import selectors
-import shutil
 import signal
-import socket
-import struct
 import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, cast
 
 from supervisor._log import get_logger
@@ -75,292 +64,19 @@ from supervisor.launchers import tree
 from supervisor.launchers.base import ExitStatus, LaunchRequest
 from supervisor.launchers.cgroups import KernelCgroup
 from supervisor.launchers.local import LocalLauncher, LocalProcess
-from supervisor.launchers.reaper import reaper
+from supervisor.launchers.templates import ForkPlan, Template, TemplateGone, plan_fork
 
 __all__ = ["ForkPlan", "ForkServerLauncher", "ForkedProcess", "Template", "plan_fork"]
 
 log = get_logger("supervisor.launchers.forkserver")
 
-_SCRIPT = Path(__file__).with_name("_forkserver.py")
-_HEADER = struct.Struct(">I")
-_MODULES = ("ipykernel_launcher", "ipykernel")
-_PYTHON = re.compile(r"^python[0-9.]*$")
-_FLAGS = {"-B", "-E", "-I", "-O", "-OO", "-P", "-s", "-S", "-u", "-q", "-b", "-bb", "-d", "-v"}
-_FLAGS_WITH_VALUE = ("-X", "-W")
-_IMPORT_ENV = ("PYTHON", "LD_", "LC_")
-_IMPORT_ENV_NAMES = ("LANG", "HOME")
 
-
-@dataclasses.dataclass(frozen=True)
-class ForkPlan:
-    """A kernel argv the template can run: ``python [flags] -m module args``."""
-
-    python: str
-    flags: tuple[str, ...]
-    module: str
-    args: tuple[str, ...]
-    import_env: tuple[tuple[str, str], ...]
-
-    @property
-    def key(self) -> tuple[object, ...]:
-        """Kernels with the same key share a template."""
-        return (self.python, self.flags, self.import_env)
-
-
-def _import_env(env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((k, v) for k, v in env.items()
-                        if k.startswith(_IMPORT_ENV) or k in _IMPORT_ENV_NAMES))
-
-
-def plan_fork(argv: Sequence[str], env: Mapping[str, str] | None = None) -> ForkPlan | str:
-    """The fork plan for ``argv``, or a sentence saying why it cannot be forked."""
-    env = os.environ if env is None else env
-    if not argv or not _PYTHON.match(os.path.basename(argv[0])):
-        return f"the kernel command {argv[:1]!r} is not a Python interpreter"
-    python = argv[0]
-    if not os.path.isabs(python):
-        found = shutil.which(python, path=env.get("PATH", os.defpath))
-        if found is None:
-            return f"no {python!r} on the kernel's PATH"
-        python = found
-    flags: list[str] = []
-    rest = list(argv[1:])
-    while rest and rest[0] != "-m":
-        head = rest.pop(0)
-        if head in _FLAGS:
-            flags.append(head)
-        elif head in _FLAGS_WITH_VALUE and rest:
-            flags += [head, rest.pop(0)]
-        elif head.startswith(_FLAGS_WITH_VALUE) and len(head) > 2:
-            flags.append(head)
-        elif not head.startswith("-"):
-            return f"the kernel runs {head!r}, not 'python -m ipykernel_launcher' (or ipykernel)"
-        else:
-            return f"interpreter option {head!r} is not one the fork server reproduces"
-    if len(rest) < 2 or rest[1] not in _MODULES:
-        return "the kernel is not run as 'python -m ipykernel_launcher' (or ipykernel)"
-    return ForkPlan(python=python, flags=tuple(flags), module=rest[1], args=tuple(rest[2:]),
-                    import_env=_import_env(env))
-
-
-class _TemplateGone(Exception):
-    pass
-
-
-def _stat(path: str) -> tuple[int, int, int] | None:
+def _valid(fd: int) -> bool:
     try:
-        st = os.stat(path)
+        os.fstat(fd)
     except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_ino, st.st_size)
-
-
-class Template:
-    """One template process, its socket and its reader thread."""
-
-    def __init__(self, plan: ForkPlan, spawn_timeout: float = 10.0) -> None:
-        self.plan = plan
-        self.spawn_timeout = spawn_timeout
-        self.hello: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
-        self.retired = False
-        self.dead = False
-        self.reason = ""  # why it cannot be used, once known
-        self._lock = threading.Lock()
-        self._send_lock = threading.Lock()
-        self._pending: dict[int, concurrent.futures.Future[dict[str, Any]]] = {}
-        self._handles: dict[int, ForkedProcess] = {}
-        self._early: dict[int, int] = {}
-        self._next_id = 0
-        self._fingerprint: dict[str, tuple[int, int, int] | None] = {}
-        self._stderr = bytearray()
-        self.marker = uuid.uuid4().hex
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(plan.import_env)
-        # Read when ipykernel is imported (a trait's default): the supervisor's pid.
-        env["JPY_PARENT_PID"] = str(os.getpid())
-        env["PATH"] = os.environ.get("PATH", os.defpath)
-        env[tree.TREE_ENV] = self.marker  # its kernels carry it too: the reaper's net
-        try:
-            self._proc = subprocess.Popen(
-                [plan.python, *plan.flags, str(_SCRIPT), str(theirs.fileno()),
-                 "ipykernel-forkserver"],
-                pass_fds=(theirs.fileno(),), env=env, cwd="/", stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        except OSError as exc:
-            ours.close()
-            raise KernelStartupError(f"cannot start the fork server {plan.python!r}: {exc}"
-                                     ) from exc
-        finally:
-            theirs.close()
-        self._sock = ours
-        self.pid = self._proc.pid
-        reaper.register(-self.pid, pgid=self.pid, token=self.marker)
-        self._log = log.bind(template=self.pid, python=plan.python)
-        self._thread = threading.Thread(target=self._read, name=f"forkserver-{self.pid}",
-                                        daemon=True)
-        self._thread.start()
-
-    # -- state -----------------------------------------------------------------
-    @property
-    def usable(self) -> bool:
-        """Ready, alive, not retired and able to run ipykernel."""
-        return (self.hello.done() and not self.dead and not self.retired
-                and not self.reason)
-
-    def stale(self) -> bool:
-        """True when a file or directory it imported from changed since it started."""
-        return any(_stat(path) != seen for path, seen in self._fingerprint.items())
-
-    def stderr_tail(self) -> str:
-        """The last lines the template wrote to stderr."""
-        with self._lock:
-            text = self._stderr.decode("utf-8", "replace")
-        return "\n".join(text.rstrip("\n").splitlines()[-10:])
-
-    def retire(self) -> None:
-        """No new kernels; end once the last one has exited."""
-        with self._lock:
-            self.retired = True
-            idle = not self._handles
-        if idle:
-            self._quit()
-
-    def join(self, timeout: float | None = None) -> None:
-        """Wait until the template has exited and been reaped (or ``timeout``)."""
-        self._thread.join(timeout)
-
-    def _quit(self) -> None:
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_WR)
-
-    # -- requests --------------------------------------------------------------
-    def spawn(self, plan: ForkPlan, request: LaunchRequest, env: Mapping[str, str],
-              stdio: Sequence[tuple[int, int]]) -> int:
-        """Fork a kernel; its pid. Raises _TemplateGone or KernelStartupError."""
-        with self._lock:
-            if self.dead:
-                raise _TemplateGone
-            self._next_id += 1
-            ident = self._next_id
-            waiter: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
-            self._pending[ident] = waiter
-        body = json.dumps({"op": "spawn", "id": ident, "module": plan.module,
-                           "args": list(plan.args), "env": dict(env), "cwd": request.cwd,
-                           "stdio": [target for target, _ in stdio]}).encode()
-        fds = array.array("i", [fd for _, fd in stdio])
-        try:
-            with self._send_lock:
-                self._sock.sendmsg([_HEADER.pack(len(body)) + body],
-                                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-            reply = waiter.result(self.spawn_timeout)
-        except (OSError, concurrent.futures.TimeoutError) as exc:
-            self._kill()
-            raise _TemplateGone from exc
-        finally:
-            with self._lock:
-                self._pending.pop(ident, None)
-        if reply.get("op") == "gone":
-            raise _TemplateGone
-        if reply.get("op") != "spawned":
-            raise KernelStartupError(f"cannot fork the kernel: {reply.get('error', reply)}")
-        return int(reply["pid"])
-
-    def adopt(self, pid: int, handle: ForkedProcess) -> None:
-        """Route ``pid``'s exit to ``handle`` (at once if it is already known)."""
-        with self._lock:
-            early = self._early.pop(pid, None)
-            gone = self.dead
-            if early is None and not gone:
-                self._handles[pid] = handle
-        if early is not None:
-            handle.relay(early)
-        elif gone:
-            handle.orphaned()
-
-    def _kill(self) -> None:
-        with contextlib.suppress(OSError):
-            os.killpg(self.pid, signal.SIGKILL)
-
-    # -- the reader thread -----------------------------------------------------
-    def _read(self) -> None:
-        buffer = bytearray()
-        sel = selectors.DefaultSelector()
-        sel.register(self._sock, selectors.EVENT_READ, "sock")
-        assert self._proc.stderr is not None
-        sel.register(self._proc.stderr, selectors.EVENT_READ, "stderr")
-        try:
-            while True:
-                for key, _ in sel.select():
-                    if key.data == "stderr":
-                        chunk = os.read(self._proc.stderr.fileno(), 65536)
-                        if not chunk:
-                            sel.unregister(self._proc.stderr)
-                        with self._lock:
-                            self._stderr += chunk
-                            del self._stderr[:-8192]
-                        continue
-                    data = self._sock.recv(65536)
-                    if not data:
-                        return
-                    buffer += data
-                    while len(buffer) >= 4:
-                        (size,) = _HEADER.unpack(bytes(buffer[:4]))
-                        if len(buffer) < 4 + size:
-                            break
-                        message = json.loads(bytes(buffer[4:4 + size]))
-                        del buffer[:4 + size]
-                        self._dispatch(message)
-        except (OSError, ValueError) as exc:
-            self._log.warning("forkserver.channel_broken", error=str(exc))
-        finally:
-            sel.close()
-            self._gone()
-
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        op = message.get("op")
-        if op == "hello":
-            failed = message.get("failed", {})
-            if "ipykernel.kernelapp" in failed:
-                self.reason = f"the fork server cannot import ipykernel: " \
-                              f"{failed['ipykernel.kernelapp']}"
-            self._fingerprint = {p: _stat(p) for p in message.get("fingerprint", [])}
-            self.hello.set_result(message)
-        elif op == "exit":
-            pid, status = int(message["pid"]), int(message["status"])
-            with self._lock:
-                handle = self._handles.pop(pid, None)
-                if handle is None:
-                    self._early[pid] = status
-                idle = self.retired and not self._handles
-            if handle is not None:
-                handle.relay(status)
-            if idle:
-                self._quit()
-        else:
-            with self._lock:
-                waiter = self._pending.get(int(message.get("id") or 0))
-            if waiter is not None and not waiter.done():
-                waiter.set_result(message)
-
-    def _gone(self) -> None:
-        with self._lock:
-            self.dead = True
-            handles, self._handles = list(self._handles.values()), {}
-            pending = list(self._pending.values())
-        for waiter in pending:
-            if not waiter.done():
-                waiter.set_result({"op": "gone"})
-        if not self.hello.done():
-            self.hello.set_exception(KernelStartupError(
-                f"the fork server exited before it was ready: {self.stderr_tail() or 'no output'}"))
-        for handle in handles:
-            handle.orphaned()
-        self._sock.close()
-        self._proc.wait()
-        if self._proc.stderr is not None:
-            self._proc.stderr.close()
-        reaper.unregister(-self.pid)
-        self._log.debug("forkserver.exited", returncode=self._proc.returncode)
+        return False
+    return True
 
 
 class _Child:
@@ -596,6 +312,7 @@ class ForkServerLauncher:
         else:
             stdio.append((2, 2))
         stdio.append((1, request.stdout if request.stdout is not None else 1))
+        stdio = [(target, fd) for target, fd in stdio if _valid(fd)]  # else /dev/null
         try:
             pid = template.spawn(plan, request, env, stdio)
         except BaseException as exc:
@@ -603,7 +320,7 @@ class ForkServerLauncher:
                 os.close(read_end)
             if group is not None:
                 group.remove()
-            if isinstance(exc, _TemplateGone):
+            if isinstance(exc, TemplateGone):
                 raise KernelStartupError(
                     "the fork server died while starting the kernel; the next start uses a "
                     f"fresh one ({template.stderr_tail() or 'no output'})") from None
