@@ -101,9 +101,13 @@ sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 from test_containment import escaper_spec, QUIET
 from pathlib import Path
 from supervisor.supervisor import Supervisor
-from supervisor.launchers import reaper_pid
+from supervisor.launchers import LocalLauncher, reaper_pid
+from supervisor.launchers.cgroups import CgroupSetup, detect
+launch = QUIET
+if {v1_only!r}:
+    launch = QUIET.replace(launcher=LocalLauncher(cgroups=CgroupSetup(v1=detect().v1)))
 async def main():
-    async with Supervisor(launch=QUIET) as s:
+    async with Supervisor(launch=launch) as s:
         kid = await s.start_kernel(spec=escaper_spec({mode!r}, Path({pid_file!r})))
         actor = s.actor_of(kid)
         dirs = [str(d) for d in actor.process._cgroup.dirs] if actor.process._cgroup else []
@@ -114,15 +118,17 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.parametrize("mode", ["setsid", "doublefork"])
-def test_escaped_processes_end_when_the_supervisor_is_sigkilled(mode: str,
+@pytest.mark.parametrize(("mode", "v1_only"), [
+    ("setsid", False), ("doublefork", False),
+    pytest.param("doublefork", True, marks=needs_cgroups, id="doublefork-cgroup-v1-only")])
+def test_escaped_processes_end_when_the_supervisor_is_sigkilled(mode: str, v1_only: bool,
                                                                 tmp_path: Path) -> None:
     """SIGKILL of the supervising process: the reaper ends kernel and escapees, removes cgroups."""
     import json
 
     pid_file = tmp_path / "pids"
     code = textwrap.dedent(OWNER.format(repo=str(REPO), tests=str(HERE), mode=mode,
-                                        pid_file=str(pid_file)))
+                                        pid_file=str(pid_file), v1_only=v1_only))
     owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True)
     try:
@@ -221,6 +227,71 @@ async def test_contain_cgroup_fails_typed_where_there_are_none(tmp_path: Path) -
             await s.start_kernel(spec=escaper_spec("none", tmp_path / "pids"))
 
 
+@needs_cgroups
+@pytest.mark.parametrize("mode", ["setsid", "doublefork"])
+async def test_cgroup_v1_alone_contains_too(mode: str, tmp_path: Path) -> None:
+    """On a machine with only cgroup v1 (no cgroup.kill) the tree is still ended and removed."""
+    v1 = detect().v1
+    if "memory" not in v1:
+        pytest.skip("no writable v1 memory hierarchy")
+    launcher = LocalLauncher(cgroups=CgroupSetup(v1=v1))
+    pid_file = tmp_path / "pids"
+    async with sup(launch=QUIET.replace(launcher=launcher)) as s:
+        kid = await s.start_kernel(spec=escaper_spec(mode, pid_file))
+        assert s.statistics().resources[kid].method == "cgroup-v1"
+        dirs = list(s.actor_of(kid).process._cgroup.dirs)  # type: ignore[union-attr]
+        escaped = read_pids(pid_file)
+        await s.shutdown_kernel(kid)
+        assert none_left(escaped, 0.5) == []
+        assert [d for d in dirs if d.name in os.listdir(d.parent)] == []
+
+
+async def test_a_kernel_that_dies_on_its_own_takes_its_tree_along(tmp_path: Path) -> None:
+    """A kernel that exits by itself: its setsid child is ended and the exited event counts it."""
+    pid_file = tmp_path / "pids"
+    events = Events()
+    async with sup() as s:
+        s.subscribe(events)
+        await s.start_kernel(spec=escaper_spec("setsid", pid_file, "--exit-after", "0.3",
+                                               "--exit-code", "3"))
+        escaped = read_pids(pid_file)
+        exited = (await events.wait_for(lambda e: e.kind == "exited"))[0]
+        assert none_left(escaped, 0.5) == []
+        assert exited.exit_code == 3
+        assert exited.reason == "exit code 3; its process tree was ended: 1 process"
+
+
+def test_cgroup_setup_is_read_from_mountinfo(tmp_path: Path) -> None:
+    """Pure v2, hybrid and namespaced mount tables resolve to the right parent directories."""
+    from supervisor.launchers.cgroups import setup_from
+
+    for sub in ("user.slice/app.scope", "memory/job", "v2/job"):
+        (tmp_path / sub).mkdir(parents=True)
+        (tmp_path / sub / "cgroup.procs").write_text("")
+    pure = setup_from(f"30 1 0:26 / {tmp_path} rw - cgroup2 cgroup2 rw\n",
+                      "0::/user.slice/app.scope\n")
+    assert pure.unified == tmp_path / "user.slice/app.scope" and pure.v1 == {}
+    hybrid = setup_from(
+        f"31 1 0:27 / {tmp_path / 'memory'} rw - cgroup cgroup rw,memory\n"
+        f"32 1 0:28 / {tmp_path / 'v2'} rw - cgroup2 cgroup2 rw\n",
+        "4:memory:/job\n0::/job\n")
+    assert hybrid.v1 == {"memory": tmp_path / "memory/job"}
+    assert hybrid.unified == tmp_path / "v2/job"
+    namespaced = setup_from(f"40 1 0:26 /user.slice {tmp_path / 'user.slice'} rw - cgroup2 x rw\n",
+                            "0::/user.slice/app.scope\n")
+    assert namespaced.unified == tmp_path / "user.slice/app.scope"
+
+
+def test_the_manager_takes_limits_and_rejects_bad_ones() -> None:
+    """AsyncKernelManager(memory_limit=...) validates at construction, naming the value."""
+    from supervisor.manager import AsyncKernelManager
+
+    with pytest.raises(ConfigurationError, match="'9 lives'"):
+        AsyncKernelManager("python3", memory_limit="9 lives")
+    with pytest.raises(ConfigurationError, match="contain"):
+        AsyncKernelManager("python3", contain="sometimes")
+
+
 # -- limits --------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", ["lots", "2X", "-1G", "", "0.1K", True])
 def test_a_memory_limit_that_does_not_parse_is_a_typed_error(value: object) -> None:
@@ -291,7 +362,7 @@ async def test_a_memory_hog_is_killed_out_of_memory_and_says_so(tmp_path: Path) 
 
 
 async def test_a_memory_hog_under_rlimit_gets_memory_error(tmp_path: Path) -> None:
-    """Without cgroups the limit is RLIMIT_AS: the cell raises MemoryError, the kernel lives."""
+    """Without cgroups the limit is RLIMIT_DATA: the cell raises MemoryError, the kernel lives."""
     launcher = LocalLauncher(cgroups=CgroupSetup())
     async with sup(launch=QUIET.replace(launcher=launcher, memory_limit="1G")) as s:
         kid = await s.start_kernel("python3")
@@ -318,3 +389,24 @@ async def test_culling_says_the_supervisor_did_it(tmp_path: Path) -> None:
         event = (await events.wait_for(lambda e: e.kind == "shutdown"))[0]
         assert "by the supervisor (culled)" in event.reason
         assert "its process tree was ended: 1 process" in event.reason
+
+
+# -- the command line ---------------------------------------------------------------------------
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "supervisor", *args], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+
+
+def test_the_cli_rejects_a_limit_that_does_not_parse() -> None:
+    """`run --memory-limit lots` is a usage error naming the value."""
+    result = cli("run", "--memory-limit", "lots", "-c", "1")
+    assert result.returncode == 2 and "memory_limit 'lots' does not parse" in result.stderr
+
+
+@needs_cgroups
+def test_the_cli_says_a_kernel_died_out_of_memory() -> None:
+    """`run --memory-limit 300M` with a hog exits 1 saying out of memory, limit and peak."""
+    result = cli("run", "--memory-limit", "300M", "-c", MEMORY_HOG)
+    assert result.returncode == 1
+    assert "the kernel died while running the code (signal SIGKILL: out of memory " \
+           "(limit 300 MiB, peak 300 MiB))" in result.stderr

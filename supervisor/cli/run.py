@@ -18,6 +18,8 @@ from pathlib import Path
 from supervisor.cli._common import (
     Context,
     Stopped,
+    add_containment_arguments,
+    containment_options,
     execute,
     kill_now,
     log,
@@ -50,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="give up if the code has not finished after S seconds (default: never)")
     p.add_argument("--startup-timeout", type=seconds_arg, default=60.0, metavar="S",
                    help="seconds the kernel may take to start (default 60)")
+    add_containment_arguments(p)
     p.add_argument("--launcher", choices=LAUNCHER_NAMES, default=None,
                    help="how kernels start: exec (a new interpreter) or fork (from a "
                         "template that imported ipykernel once; Python kernels only, "
@@ -75,6 +78,7 @@ async def _run(args: argparse.Namespace, code: str, forward_stderr: bool) -> int
     sup = Supervisor(policy=RestartPolicy.never(), name="run")
     km = AsyncKernelManager(args.kernel, autorestart=False, supervisor=sup,
                             forward_stderr=forward_stderr, startup_timeout=args.startup_timeout,
+                            **containment_options(args),
                             launcher=args.launcher)
     kc: KernelClient | None = None
     running = now = False

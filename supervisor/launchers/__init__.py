@@ -77,8 +77,11 @@ Containment, and why this way
 
 Memory limits: cgroup ``memory.max`` / ``memory.limit_in_bytes`` (the OOM
 killer ends the tree's largest process and the cgroup records it), else
-``RLIMIT_AS`` on the kernel, inherited by its children (allocations fail with
-``MemoryError``). CPU: the cgroup CPU quota, else not enforced (a warning).
+``RLIMIT_DATA`` on the kernel, inherited by its children (allocations fail with
+``MemoryError``). ``RLIMIT_DATA`` counts private writable memory: heap, and
+thread stacks, so an idle ipykernel already uses about 135 MB of it (its
+address space, which ``RLIMIT_AS`` would count, is about 800 MB). CPU: the
+cgroup CPU quota, else not enforced (a warning).
 """
 
 from __future__ import annotations

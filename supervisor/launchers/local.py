@@ -207,7 +207,7 @@ class LocalProcess:
         limits = self.limits
         if limits.memory is not None and self.memory_method == "none":
             try:  # the tree inherits it from the kernel at each fork
-                resource.prlimit(self.pid, resource.RLIMIT_AS, (limits.memory, limits.memory))
+                resource.prlimit(self.pid, resource.RLIMIT_DATA, (limits.memory, limits.memory))
                 self.memory_method = "rlimit"
             except (OSError, ValueError) as exc:
                 self._log.warning("limit.unenforced", limit="memory", error=str(exc))
