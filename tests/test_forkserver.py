@@ -87,6 +87,8 @@ async def test_two_forked_kernels_are_isolated(sup: Supervisor, fork: ForkServer
     a = await sup.start_kernel(spec=ipy_spec(env={"FORK_TEST": "A"}), cwd=str(tmp_path / "a"))
     b = await sup.start_kernel(spec=ipy_spec(env={"FORK_TEST": "B"}), cwd=str(tmp_path / "b"))
     procs = [sup.actor_of(k).process for k in (a, b)]
+    assert all(p is not None and p.launch_note.startswith("forked by the fork server")  # type: ignore[attr-defined]
+               for p in procs)
     assert all(isinstance(p, ForkedProcess) for p in procs)
     assert fork.forks == 2 and fork.fallbacks == 0 and len(fork.templates()) == 1
     ra = await evaluate(sup, a, IDENTITY + "y = 1\n", IDENTITY_EXPR)

@@ -98,8 +98,6 @@ class ForkedProcess(LocalProcess):
     died first, from its own pidfd (:meth:`orphaned`).
     """
 
-    launched_by = "fork"
-
     def __init__(self, template: Template, pid: int, stderr: Any, request: LaunchRequest, *,
                  on_exit: Callable[[ExitStatus], None] | None, cgroup: KernelCgroup | None,
                  token: str | None, fallback_reason: str = "") -> None:
@@ -110,6 +108,7 @@ class ForkedProcess(LocalProcess):
         super().__init__(cast("subprocess.Popen[bytes]", self._child), request, on_exit=on_exit,
                          cgroup=cgroup, token=token, fallback_reason=fallback_reason)
         self._aloop = asyncio.get_running_loop()
+        self.launch_note = f"forked by the fork server (template pid {template.pid})"
 
     def _watch_exit(self) -> None:
         """The template watches and reaps; nothing to do here."""

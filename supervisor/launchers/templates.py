@@ -158,6 +158,7 @@ class Template:
         finally:
             theirs.close()
         self._sock = ours
+        self._sock.settimeout(spawn_timeout)  # a send to a stuck template must not block us
         self.pid = self._proc.pid
         reaper.register(-self.pid, pgid=self.pid, token=self.marker)
         self._log = log.bind(template=self.pid, python=plan.python)
@@ -218,7 +219,7 @@ class Template:
                 self._sock.sendmsg([_HEADER.pack(len(body)) + body],
                                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
             reply = waiter.result(self.spawn_timeout)
-        except (ConnectionError, concurrent.futures.TimeoutError) as exc:
+        except (ConnectionError, TimeoutError, concurrent.futures.TimeoutError) as exc:
             self._kill()  # dead, or alive and not answering: of no use either way
             raise TemplateGone from exc
         except OSError as exc:
