@@ -21,6 +21,7 @@ from supervisor.errors import KernelStartupError
 from supervisor.kernel import LaunchOptions
 from supervisor.kernelspec import KernelSpec
 from supervisor.launchers import ForkServerLauncher, LocalLauncher, LocalProcess, launcher_named
+from supervisor.launchers.cgroups import detect
 from supervisor.launchers.forkserver import ForkedProcess, plan_fork
 from supervisor.policy import RestartPolicy
 from supervisor.supervisor import Supervisor
@@ -411,3 +412,28 @@ def test_an_unknown_launcher_name_is_a_configuration_error() -> None:
 
     with pytest.raises(ConfigurationError, match=r"launcher must be one of \('exec', 'fork'\)"):
         LaunchOptions(launcher="spawn")
+
+
+@pytest.mark.skipif(not detect().usable, reason="no writable cgroup hierarchy here")
+async def test_a_forked_memory_hog_is_killed_out_of_memory_and_says_so(
+        fork: ForkServerLauncher) -> None:
+    """A forked kernel joins its own cgroup with the memory limit: over it, it dies out of
+    memory with the cause named, and the template lives on."""
+    events = Events()
+    async with Supervisor(launch=QUIET.replace(launcher=fork, memory_limit="300M"),
+                          policy=NEVER) as s:
+        s.subscribe(events)
+        kid = await s.start_kernel(spec=ipy_spec())
+        assert isinstance(s.actor_of(kid).process, ForkedProcess)
+        kc = s.get_kernel(kid).client()
+        kc.start_channels()
+        try:
+            with pytest.raises(Exception):  # noqa: B017 - the reply never comes
+                await kc.execute("hog = b'x' * (700 << 20)", reply=True, timeout=30)
+        finally:
+            kc.stop_channels()
+        exited = (await events.wait_for(lambda e: e.kind == "exited"))[0]
+        assert exited.oom and exited.signal == signal.SIGKILL
+        assert "out of memory (limit 300 MiB" in exited.reason
+        (template,) = fork.templates()
+        assert not pid_gone(template.pid, 0)
