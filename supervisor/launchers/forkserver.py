@@ -219,7 +219,7 @@ class ForkServerLauncher:
             if plan.key in self._refused:
                 return self._refused[plan.key]
             template = self._templates.get(plan.key)
-            if template is not None and (template.dead or template.retired or (
+            if template is not None and (not template.alive() or template.retired or (
                     template.hello.done() and template.stale())):
                 del self._templates[plan.key]
                 template.retire()

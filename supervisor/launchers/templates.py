@@ -128,7 +128,8 @@ class Template:
         self.spawn_timeout = spawn_timeout
         self.hello: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
         self.retired = False
-        self.dead = False
+        self.dead = False  # its reader thread saw the end of the channel
+        self.broken = False  # a request failed on it: dying or useless
         self.reason = ""  # why it cannot be used, once known
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
@@ -170,8 +171,12 @@ class Template:
     @property
     def usable(self) -> bool:
         """Ready, alive, not retired and able to run ipykernel."""
-        return (self.hello.done() and not self.dead and not self.retired
+        return (self.hello.done() and self.alive() and not self.retired
                 and not self.reason)
+
+    def alive(self) -> bool:
+        """Neither gone nor broken, as far as we can tell without a round trip."""
+        return not (self.dead or self.broken) and self._proc.poll() is None
 
     def stale(self) -> bool:
         """True when a file or directory it imported from changed since it started."""
@@ -220,6 +225,7 @@ class Template:
                                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
             reply = waiter.result(self.spawn_timeout)
         except (ConnectionError, TimeoutError, concurrent.futures.TimeoutError) as exc:
+            self.broken = True
             self._kill()  # dead, or alive and not answering: of no use either way
             raise TemplateGone from exc
         except OSError as exc:
@@ -228,6 +234,7 @@ class Template:
             with self._lock:
                 self._pending.pop(ident, None)
         if reply.get("op") == "gone":
+            self.broken = True
             raise TemplateGone
         if reply.get("op") != "spawned":
             raise KernelStartupError(f"cannot fork the kernel: {reply.get('error', reply)}")
