@@ -437,3 +437,24 @@ async def test_a_forked_memory_hog_is_killed_out_of_memory_and_says_so(
         assert "out of memory (limit 300 MiB" in exited.reason
         (template,) = fork.templates()
         assert not pid_gone(template.pid, 0)
+
+
+async def test_a_port_clash_ends_the_forked_kernel_at_once_and_the_start_retries(
+        sup: Supervisor) -> None:
+    """A forked kernel that cannot bind a port exits with its traceback instead of hanging
+    in its exit handlers, so the start retries on fresh ports and succeeds."""
+    import dataclasses
+    import socket
+
+    from supervisor.connection import new_connection_info
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        info = dataclasses.replace(new_connection_info(), iopub_port=busy.getsockname()[1])
+        with capture_logs() as logs:
+            kid = await sup.start_kernel(spec=ipy_spec(), connection_info=info,
+                                         startup_timeout=30)
+    assert any(e["event"] == "kernel.port_clash" for e in logs)
+    assert sup.actor_of(kid).connection_info.iopub_port != info.iopub_port  # type: ignore[union-attr]
+    assert isinstance(sup.actor_of(kid).process, ForkedProcess)

@@ -267,4 +267,14 @@ if __name__ == "__main__":
         del sys.path[0]
     _spawn = serve(int(sys.argv[1]))
     if _spawn is not None:
-        run_kernel(_spawn)
+        try:
+            run_kernel(_spawn)
+        except Exception:
+            # What the interpreter prints and returns, without its exit handlers:
+            # a kernel that failed half-way (a port it could not bind) hangs in
+            # them (zmq's context termination waits for its open sockets), and
+            # the supervisor should see the exit, and the traceback, at once.
+            sys.excepthook(*sys.exc_info())
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
