@@ -181,9 +181,18 @@ class Bench:
             await sup.shutdown_all(now=True)
 
 
+SAMPLE_TIMEOUT = 240.0
+
+
 def run(coro_factory: Callable[[], Awaitable[None]]) -> str | None:
+    """One sample on its own loop, bounded; the error in words, or None."""
+    async def bounded() -> None:
+        await asyncio.wait_for(coro_factory(), SAMPLE_TIMEOUT)
+
     try:
-        asyncio.run(coro_factory())  # type: ignore[arg-type]
+        asyncio.run(bounded())
+    except asyncio.TimeoutError:
+        return f"sample exceeded {SAMPLE_TIMEOUT:g} s"
     except Exception as exc:  # a failed sample is reported, the run goes on
         return repr(exc)
     return None
