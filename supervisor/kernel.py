@@ -13,6 +13,15 @@ Shutdown during a start     cuts the start short: the start fails with
                             shutdown runs (nothing left to stop)
 Restart during a shutdown   runs after it: the kernel starts again
 Shutdown during a restart   cuts the restart's start short, then shuts down
+The asker of a start goes   (its future cancelled: ``wait_for`` expired, task
+away                        cancelled, Ctrl-C in the blocking face) a queued
+                            Start/Restart is skipped; a running one is cut
+                            short: the kernel it began is killed and reaped,
+                            its files removed, ports given back; the start
+                            fails with :class:`KernelStartupError`
+                            ("cancelled") and the actor can start again
+The asker of a shutdown     the shutdown goes on to its end (a cancelled
+goes away                   wait does not leave a kernel half stopped)
 Anything after ``stop()``   fails with :class:`KernelClosedError`
 Process exits on its own    ``state`` becomes ``exited``; the parent is told
                             with :class:`ChildExited`; the actor never restarts
@@ -33,8 +42,12 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
+import errno
 import os
+import re
+import resource
 import signal as _signal
+import subprocess
 import time
 import uuid
 import weakref
@@ -50,18 +63,25 @@ from supervisor._log import get_logger
 from supervisor.actor import Actor
 from supervisor.client import connect_channel
 from supervisor.connection import (
+    CHANNELS,
     ConnectionInfo,
+    PortReservation,
+    claim_ports,
     connection_file_path,
     ipc_paths,
     new_connection_info,
     remove_connection_files,
+    reserve_ports,
     write_connection_file,
 )
 from supervisor.errors import (
     ConfigurationError,
+    ConnectionFileError,
     KernelSpecError,
     KernelStartupError,
     KernelStateError,
+    PortInUseError,
+    ResourceExhaustedError,
     WireError,
 )
 from supervisor.kernelspec import KernelSpec, expand_env, format_kernel_cmd, get_kernel_spec
@@ -93,7 +113,9 @@ __all__ = [
 
 log = get_logger("supervisor.kernel")
 
-_PORT_CLASH = "Address already in use"
+_PORT_CLASH = b"Address already in use"
+# pyzmq names the endpoint: "Address already in use (addr='tcp://127.0.0.1:5555')"
+_BIND_ERROR = re.compile(rb"Address already in use \(addr='(?P<url>[^']*)'\)")
 _live: weakref.WeakSet[KernelActor] = weakref.WeakSet()
 
 
@@ -106,6 +128,8 @@ def _kill_leftovers_at_exit() -> None:
     """
     for actor in list(_live):
         proc = actor.process
+        if actor.options.independent:
+            continue  # asked to outlive us
         if proc is not None and proc.running:
             proc.kill_tree()
         if actor.state != "shutdown":
@@ -208,8 +232,14 @@ class LaunchOptions:
     memory_limit: str | int | None = None
     cpu_limit: float | str | None = None
     launcher: Launcher | str | None = None
+    inherit_env: bool = True
+    stdout: int | None = None
+    stderr: int | None = None
+    independent: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("stdout", "stderr"):
+            object.__setattr__(self, name, _stream_target(name, getattr(self, name)))
         for name in ("startup_timeout", "shutdown_wait", "exit_grace", "terminate_wait"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -286,12 +316,111 @@ class LaunchOptions:
                                   field="metadata") from None
 
 
+def _stream_target(name: str, value: object) -> int | None:
+    """Validate a ``stdout``/``stderr`` launch option: None, a subprocess constant, an fd
+    or an object with ``fileno()`` (turned into its fd)."""
+    if value is None:
+        return None
+    fileno = getattr(value, "fileno", None)
+    if callable(fileno):
+        value = fileno()
+    allowed = (subprocess.PIPE, subprocess.DEVNULL) + (
+        (subprocess.STDOUT,) if name == "stderr" else ())
+    if isinstance(value, bool) or not isinstance(value, int) or (value < 0
+                                                                and value not in allowed):
+        raise ConfigurationError(
+            f"{name} must be None, subprocess.PIPE, subprocess.DEVNULL"
+            f"{', subprocess.STDOUT' if name == 'stderr' else ''}, a file descriptor "
+            f"or a file, not {value!r}")
+    return value
+
+
 class _StartCancelled(Exception):
     pass
 
 
+# -- resource exhaustion ----------------------------------------------------------
+_FDS_PER_START = 16  # descriptors a start may hold at its peak (probes, pipes, sockets)
+_EXHAUSTED = {
+    errno.EMFILE: "file descriptors", errno.ENFILE: "file descriptors",
+    errno.EAGAIN: "processes", errno.ENOMEM: "memory",
+    errno.ENOSPC: "disk space", errno.EDQUOT: "disk space",
+}
+_WHAT = {
+    "file descriptors": "too many open files", "processes": "no more processes",
+    "memory": "out of memory", "disk space": "no space left on the device",
+}
+
+
+def _check_fd_headroom(kernel_id: str) -> None:
+    """Refuse a start at once when the fd limit is (nearly) reached.
+
+    At the limit, ZeroMQ fails to connect silently and retries forever; a
+    start would wait its whole startup timeout for a kernel it cannot reach.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except FileNotFoundError:  # no /proc: nothing to measure with
+        return
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            used = soft
+        else:
+            return
+    if soft != resource.RLIM_INFINITY and soft - used < _FDS_PER_START:
+        raise ResourceExhaustedError(
+            f"kernel {kernel_id} not started: too many open files ({used} in use, the "
+            f"limit is {soft}; a start needs about {_FDS_PER_START} more)",
+            resource="file descriptors", errno=errno.EMFILE)
+
+
+def _exhaustion(kernel_id: str, exc: BaseException) -> ResourceExhaustedError | None:
+    """The resource a failed start ran out of, if that is what ``exc`` (or its cause) says."""
+    seen: BaseException | None = exc
+    path = exc.path if isinstance(exc, ConnectionFileError) else None
+    while seen is not None:
+        code = getattr(seen, "errno", None)
+        if isinstance(code, int) and code in _EXHAUSTED:
+            what = _EXHAUSTED[code]
+            if isinstance(seen, OSError) and seen.filename:
+                path = str(seen.filename)
+            where = f" ({path})" if path else ""
+            return ResourceExhaustedError(
+                f"kernel {kernel_id} not started: {_WHAT[what]}{where}: {seen}",
+                resource=what, errno=code)
+        if isinstance(seen, KernelStartupError) and "Too many open files" in seen.stderr_tail:
+            return ResourceExhaustedError(
+                f"kernel {kernel_id} not started: the kernel ran out of file descriptors "
+                f"(too many open files)\n{seen.stderr_tail}",
+                resource="file descriptors", errno=errno.EMFILE)
+        seen = seen.__cause__
+    return None
+
+
 class _PortClash(Exception):
-    pass
+    """A launch found one of its ports taken (by the kernel's stderr or the exit)."""
+
+    def __init__(self, channel: str | None, port: int | None, tail: str = "") -> None:
+        super().__init__(channel, port)
+        self.channel = channel
+        self.port = port
+        self.tail = tail
+
+
+def _find_clash(stderr: bytes, info: ConnectionInfo) -> _PortClash | None:
+    """The port clash a kernel's stderr reports, naming the channel when it can."""
+    if _PORT_CLASH not in stderr:
+        return None
+    channel: str | None = None
+    port: int | None = None
+    for match in _BIND_ERROR.finditer(stderr):
+        url = match.group("url").decode("utf-8", "replace")
+        suffix = url.rsplit(":" if url.startswith("tcp") else "-", 1)[-1]
+        if suffix.isdigit():
+            port = int(suffix)
+            channel = next((c for c in CHANNELS if info.port(c) == port), None)
+    return _PortClash(channel, port)
 
 
 # -- the actor ------------------------------------------------------------------
@@ -339,10 +468,14 @@ class KernelActor(Actor):
         self._iopub_task: asyncio.Task[None] | None = None
         self._iopub_seen = asyncio.Event()
         self._abort = asyncio.Event()
+        self._cancel = asyncio.Event()  # the asker of the running start went away
+        self._starting: object | None = None  # the Start/Restart being handled
         self._pending_shutdowns = 0
         self._hurry = asyncio.Event()
         self._pending_kills = 0
         self._spec: KernelSpec | None = None
+        self._ports: PortReservation | None = None  # held until the kernel is gone for good
+        self._hb_echoed = False
         self._log = log.bind(kernel_id=self.kernel_id, kernel_name=self.options.kernel_name)
         _live.add(self)
 
@@ -394,11 +527,46 @@ class KernelActor(Actor):
         if self.state != "exited":
             self.state = "shutdown"
 
+    def on_ask_cancelled(self, msg: object) -> None:
+        if isinstance(msg, (Start, Restart)) and msg is self._starting:
+            self.cancel_start()
+
+    def skip_cancelled(self, msg: object) -> bool:
+        return isinstance(msg, (Start, Restart))
+
+    def cancel_start(self) -> None:
+        """Cut the running start or restart short, if one runs; on the loop.
+
+        For owners whose own asker went away (a Supervisor whose caller was
+        cancelled): the start fails "cancelled" after killing what it began.
+        """
+        if self._starting is not None:
+            self._cancel.set()
+
+    def on_abandon(self) -> None:
+        """Our loop is gone: kill the process tree, close sockets, remove the files."""
+        if self._proc is not None:
+            self._proc.abandon()
+        with contextlib.suppress(RuntimeError):  # a task of a closed loop
+            self._close_sockets()
+        remove_connection_files(self.connection_file, self.connection_info)
+        self._release_ports()
+        self.execution_state = "dead"
+        if self.state != "exited":
+            self.state = "shutdown"
+        self._log.debug("actor.abandoned", reason=self._stop_reason)
+
     async def receive(self, msg: object) -> Any:
-        if isinstance(msg, Start):
-            return await self._start()
-        if isinstance(msg, Restart):
-            return await self._restart(msg)
+        if isinstance(msg, (Start, Restart)):
+            self._cancel.clear()
+            self._starting = msg
+            try:
+                if isinstance(msg, Start):
+                    return await self._start()
+                return await self._restart(msg)
+            finally:
+                self._starting = None
+                self._cancel.clear()
         if isinstance(msg, Shutdown):
             self._pending_shutdowns -= 1
             if not self._pending_shutdowns:
@@ -422,18 +590,38 @@ class KernelActor(Actor):
 
     # -- start -------------------------------------------------------------------
     def _connection(self, fresh: bool, spec: KernelSpec) -> ConnectionInfo:
+        """The ports to launch on, reserved in this process so no other start gets them.
+
+        Given ports (a connection file's, or a restart's) are claimed; if another
+        start of ours holds one, fresh ports are reserved instead.
+        """
         opts = self.options
-        if self.connection_info is not None and not fresh:
-            return self.connection_info
-        curve = self._want_curve(spec)
-        key = self.connection_info.key if self.connection_info is not None else None
+        info = self.connection_info
+        if info is not None and not fresh:
+            if info.transport != "tcp" or self._ports is not None:
+                return info
+            self._ports = claim_ports([info.port(c) for c in CHANNELS])
+            if self._ports is not None:
+                return info
+            self._log.warning("kernel.ports_held_elsewhere", ports=[info.port(c) for c in CHANNELS])
+        self._release_ports()
+        ports: tuple[int, ...] | None = None
+        if opts.transport == "tcp":
+            self._ports = reserve_ports(len(CHANNELS), opts.ip)
+            ports = self._ports.ports
         return new_connection_info(
             ip=opts.ip,
             transport=opts.transport,
-            key=key,
+            key=info.key if info is not None else None,
             kernel_name=spec.name,
-            curve=curve,
+            curve=self._want_curve(spec),
+            ports=ports,
         )
+
+    def _release_ports(self) -> None:
+        if self._ports is not None:
+            self._ports.release()
+            self._ports = None
 
     def _want_curve(self, spec: KernelSpec) -> bool:
         mode = self.options.transport_encryption
@@ -456,20 +644,40 @@ class KernelActor(Actor):
                 f"start of kernel {self.kernel_id} cancelled: a shutdown was requested")
         self.state = "starting"
         try:
+            _check_fd_headroom(self.kernel_id)
             spec = self.options.resolve_spec()
             self._spec = spec
             fresh = self.connection_info is None
-            for attempt in range(self.options.port_retries + 1):
+            attempts = self.options.port_retries + 1
+            clash = _PortClash(None, None)
+            for attempt in range(attempts):
+                if self._cancel.is_set():
+                    raise KernelStartupError(
+                        f"start of kernel {self.kernel_id} cancelled: its asker went away")
                 info = self._connection(fresh, spec)
                 try:
                     return await self._launch_once(spec, info)
-                except _PortClash:
-                    self._log.warning("kernel.port_clash", attempt=attempt + 1)
+                except _PortClash as exc:
+                    clash = exc
+                    self._log.warning("kernel.port_clash", attempt=attempt + 1,
+                                      channel=exc.channel, port=exc.port)
                     fresh = True
-            raise KernelStartupError(
-                f"kernel {self.kernel_id} could not bind its ports after "
-                f"{self.options.port_retries + 1} attempts"
+            where = (f"its {clash.channel} channel on port {clash.port}" if clash.channel
+                     else f"port {clash.port}" if clash.port else "its ports")
+            raise PortInUseError(
+                f"kernel {self.kernel_id} could not bind {where}: the address is in use "
+                f"by another process (after {attempts} attempts on fresh ports)",
+                channel=clash.channel, port=clash.port, attempts=attempts,
+                stderr_tail=clash.tail,
             )
+        except (OSError, zmq.ZMQError, KernelStartupError, ConnectionFileError) as exc:
+            self.state = "exited"
+            if isinstance(exc, ResourceExhaustedError):
+                raise
+            found = _exhaustion(self.kernel_id, exc)
+            if found is not None:
+                raise found from exc
+            raise
         except BaseException:
             self.state = "exited"
             raise
@@ -486,18 +694,29 @@ class KernelActor(Actor):
         else:
             argv = [a.replace("{connection_file}", str(self.connection_file)) for a in argv]
             argv += list(opts.extra_arguments)
-        env = dict(os.environ)
-        env.update(expand_env(spec.env, env))
-        env.update(opts.env)
-        # ipykernel (and others) watch this pid and leave if it goes; a second
-        # guard beside the reaper, and it quiets ipykernel's stand-alone banner.
-        env["JPY_PARENT_PID"] = str(os.getpid())
+        if opts.inherit_env:
+            env = dict(os.environ)
+            env.update(expand_env(spec.env, env))
+            env.update(opts.env)
+        else:  # jupyter_client's env=: the whole environment, the kernelspec's on top
+            env = dict(opts.env)
+            env.update(expand_env(spec.env, env))
+        if not opts.independent:
+            # ipykernel (and others) watch this pid and leave if it goes; a second
+            # guard beside the reaper, and it quiets ipykernel's stand-alone banner.
+            env["JPY_PARENT_PID"] = str(os.getpid())
         t0 = time.monotonic()
         launched: list[ProcessHandle] = []  # the exit callback fires on a later loop turn
         try:
             contain, limits = opts.containment(spec)
             request = LaunchRequest(
-                argv=argv, env=env, cwd=opts.cwd, forward_stderr=opts.forward_stderr,
+                argv=argv, env=env, cwd=opts.cwd,
+                forward_stderr=opts.forward_stderr and opts.stderr is None,
+                capture_stderr=opts.stderr in (None, subprocess.PIPE),
+                stderr=None if opts.stderr in (None, subprocess.PIPE) else opts.stderr,
+                # nobody could read a pipe we made for stdout: PIPE means "not inherited"
+                stdout=subprocess.DEVNULL if opts.stdout == subprocess.PIPE else opts.stdout,
+                independent=opts.independent,
                 owned_files=[str(p) for p in (self.connection_file, *ipc_paths(info))],
                 contain=contain, limits=limits, label=self.kernel_id,
             )
@@ -514,8 +733,9 @@ class KernelActor(Actor):
         self._proc = proc
         self._log = self._log.bind(pid=proc.pid)
         self._log.debug("actor.launched", argv=argv)
+        clash = self._watch_bind_errors(proc, info)
         try:
-            await self._wait_ready(proc, info, opts.startup_timeout)
+            await self._wait_ready(proc, info, opts.startup_timeout, clash)
         except _PortClash:
             await self._kill_and_reap(proc)
             self._teardown(keep_file=True)
@@ -529,31 +749,67 @@ class KernelActor(Actor):
         self._log.debug("actor.ready", seconds=round(self.started_at - t0, 4))
         return self.kernel_info
 
-    async def _wait_ready(self, proc: ProcessHandle, info: ConnectionInfo, timeout: float) -> None:
-        """Race readiness against the process exiting, a cancel, and the timeout."""
+    def _watch_bind_errors(
+        self, proc: ProcessHandle, info: ConnectionInfo
+    ) -> asyncio.Future[_PortClash]:
+        """A future set when the starting kernel writes a bind error on stderr.
+
+        ipykernel keeps running when its IOPub or heartbeat port is taken, so
+        the exit alone does not tell; its traceback does, at once.
+        """
+        found: asyncio.Future[_PortClash] = asyncio.get_running_loop().create_future()
+        seen = bytearray()
+
+        def listen(chunk: bytes) -> None:
+            if found.done():
+                return
+            seen.extend(chunk)
+            del seen[:-16384]
+            clash = _find_clash(bytes(seen), info)
+            if clash is not None:
+                clash.tail = proc.stderr_tail()
+                found.set_result(clash)
+
+        proc.stderr_listener = listen
+        return found
+
+    async def _wait_ready(
+        self, proc: ProcessHandle, info: ConnectionInfo, timeout: float,
+        clash: asyncio.Future[_PortClash],
+    ) -> None:
+        """Race readiness against the process exiting, a bind error, a cancel, the timeout."""
         self._open_sockets(info)
         shell = connect_channel(self._ctx, info, "shell")
         try:
-            ready: asyncio.Future[Any] = asyncio.ensure_future(self._handshake(shell))
+            ready: asyncio.Future[Any] = asyncio.ensure_future(self._prove_ready(shell, info))
             exited: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(proc.exited))
             abort: asyncio.Future[Any] = asyncio.ensure_future(self._abort.wait())
+            bind: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(clash))
+            gone: asyncio.Future[Any] = asyncio.ensure_future(self._cancel.wait())
+            racers = (ready, exited, abort, bind, gone)
             try:
                 done, _ = await asyncio.wait(
-                    {ready, exited, abort}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    racers, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
             finally:
-                for fut in (ready, exited, abort):
+                proc.stderr_tail()  # whatever the kernel wrote before its reply is seen now
+                proc.stderr_listener = None
+                for fut in racers:
                     if not fut.done():
                         fut.cancel()
-                await asyncio.gather(ready, exited, abort, return_exceptions=True)
+                await asyncio.gather(*racers, return_exceptions=True)
+            if clash.done():  # even beside a reply: a channel may belong to someone else
+                raise clash.result()
             if ready in done and ready.exception() is None:
                 return
             if exited in done or not proc.running:
                 status = await proc.cleanup()
                 self.last_exit = status
                 tail = proc.stderr_tail()
-                if _PORT_CLASH in tail:
-                    raise _PortClash()
+                found = _find_clash(tail.encode(), info)
+                if found is not None:
+                    found.tail = tail
+                    raise found
                 raise KernelStartupError(
                     f"kernel {self.kernel_id} died while starting ({status.describe()})",
                     exit_code=status.exit_code, signal=status.signal, stderr_tail=tail,
@@ -562,6 +818,9 @@ class KernelActor(Actor):
                 raise KernelStartupError(
                     f"start of kernel {self.kernel_id} cancelled: a shutdown was requested"
                 )
+            if gone in done:
+                raise KernelStartupError(
+                    f"start of kernel {self.kernel_id} cancelled: its asker went away")
             if ready in done:  # the handshake itself failed
                 exc = ready.exception()
                 assert exc is not None
@@ -570,11 +829,34 @@ class KernelActor(Actor):
                 f"kernel {self.kernel_id} was not ready within {timeout} s "
                 f"(kernel_info_reply {'received' if self.kernel_info else 'not received'}, "
                 f"IOPub {'live' if self._iopub_seen.is_set() else 'silent'}, "
+                f"heartbeat {'echoed' if self._hb_echoed else 'silent'}, "
                 f"{self.dropped} message(s) dropped)",
                 stderr_tail=proc.stderr_tail(), timed_out=True,
             )
         finally:
             shell.close(linger=0)
+
+    async def _prove_ready(self, shell: zmq.asyncio.Socket, info: ConnectionInfo) -> None:
+        """Shell answers (signed with our key), IOPub is live, and the heartbeat echoes."""
+        self._hb_echoed = False
+        hb = connect_channel(self._ctx, info, "hb")
+        proofs = [asyncio.ensure_future(self._handshake(shell)),
+                  asyncio.ensure_future(self._echo(hb))]
+        try:
+            await asyncio.gather(*proofs)
+        finally:
+            for proof in proofs:
+                proof.cancel()
+            await asyncio.gather(*proofs, return_exceptions=True)
+            hb.close(linger=0)
+
+    async def _echo(self, hb: zmq.asyncio.Socket) -> None:
+        token = b"ks-ready-" + uuid.uuid4().hex.encode()
+        await hb.send(token)
+        if await hb.recv() != token:
+            raise KernelStartupError(
+                f"kernel {self.kernel_id}: its heartbeat port answered with something else")
+        self._hb_echoed = True
 
     async def _handshake(self, shell: zmq.asyncio.Socket) -> None:
         session = self._session
@@ -610,15 +892,20 @@ class KernelActor(Actor):
         self._iopub_seen.clear()
         self._control = connect_channel(self._ctx, info, "control")
         self._iopub = connect_channel(self._ctx, info, "iopub")
-        self._iopub_task = asyncio.ensure_future(self._watch_iopub(self._iopub))
+        self._iopub_task = self.spawn(self._watch_iopub(self._iopub))
 
     async def _watch_iopub(self, sock: zmq.asyncio.Socket) -> None:
         """Track readiness proof, execution_state and last_activity."""
         session = self._session
         assert session is not None
-        with contextlib.suppress(asyncio.CancelledError, zmq.ZMQError):
+        with contextlib.suppress(asyncio.CancelledError):
             while True:
-                msg = await self._recv_verified(sock, session)
+                try:
+                    msg = await self._recv_verified(sock, session)
+                except zmq.ZMQError as exc:
+                    if not sock.closed:  # a watcher that ends leaves readiness unproven
+                        self._log.warning("kernel.iopub_watch_failed", error=str(exc))
+                    return
                 self.last_activity = time.monotonic()
                 self._iopub_seen.set()
                 if msg.msg_type == "status":
@@ -745,6 +1032,7 @@ class KernelActor(Actor):
             self._proc.close()
         if not keep_file:
             remove_connection_files(self.connection_file, self.connection_info)
+            self._release_ports()
 
     # -- restart -----------------------------------------------------------------
     async def _restart(self, msg: Restart) -> dict[str, Any]:

@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import zmq.asyncio
 from tornado.ioloop import PeriodicCallback
 
 from supervisor._log import get_logger
@@ -41,6 +42,7 @@ from supervisor.children import (
     ACTIVE,
     STRATEGIES,
     AddSupervisor,
+    CancelStart,
     Child,
     DoRestart,
     Op,
@@ -98,8 +100,10 @@ class Supervision(Actor):
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         name: str | None = None,
+        context: zmq.asyncio.Context | None = None,
     ) -> None:
         super().__init__(name=name or f"supervisor-{uuid.uuid4().hex[:8]}")
+        self._context = context  # for the kernels' control/IOPub sockets (None: shared)
         if strategy not in STRATEGIES:
             raise ConfigurationError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
         for label, value in (("max_kernels", max_kernels),
@@ -140,8 +144,11 @@ class Supervision(Actor):
 
     async def shutdown_all(self, now: bool = False) -> None:
         """Stop every child, cancelling pending restarts; reverse start order."""
-        done: asyncio.Future[None] = await self.ask(ShutdownAll(now))
-        await done
+        async def shutdown_all() -> None:
+            done: asyncio.Future[None] = await self.ask(ShutdownAll(now))
+            await done
+
+        await self.call(shutdown_all)
 
     def list_kernel_ids(self) -> list[str]:
         """Ids of the kernels handed out (warm-pool kernels not included)."""
@@ -170,8 +177,45 @@ class Supervision(Actor):
 
     # == message handling ================================================================
     async def _op(self, kernel_id: str, op: str, **args: Any) -> None:
-        done: asyncio.Future[None] = await self.ask(Op(kernel_id, op, args))
-        await done
+        async def op_here() -> None:
+            if op != "restart":
+                done: asyncio.Future[None] = await self.ask(Op(kernel_id, op, args))
+                await done  # a cancelled wait leaves the operation running to its end
+                return
+            asked = self.ask(Op(kernel_id, op, args))
+            try:
+                done = await asyncio.shield(asked)
+                await asyncio.shield(done)
+            except asyncio.CancelledError:
+                if not asked.done():
+                    asked.cancel()  # not taken yet: skipped
+                    raise
+                if asked.cancelled() or asked.exception() is not None:
+                    raise
+                # The caller went away: the restart's start is cut short; we return
+                # once the kernel it began is gone.
+                done = asked.result()
+                self.tell(CancelStart(kernel_id))
+                with contextlib.suppress(Exception):
+                    await done
+                raise
+
+        await self.call(op_here)
+
+    def skip_cancelled(self, msg: object) -> bool:
+        # A start or restart nobody waits for any more is not begun.
+        return isinstance(msg, StartChild) or (isinstance(msg, Op) and msg.op == "restart")
+
+    def _on_cancel_start(self, msg: CancelStart) -> None:
+        """The caller of a start went away: the start is cut short (see kernel.py's table)."""
+        child = self._children.get(msg.kernel_id)
+        if child is None or child.status not in ("starting", "restarting"):
+            return
+        if msg.epoch is not None and msg.epoch != child.epoch:
+            return
+        child.cancelled = True
+        if isinstance(child.actor, KernelActor):
+            child.actor.cancel_start()
 
     async def receive(self, msg: object) -> Any:
         if isinstance(msg, StartChild):
@@ -184,6 +228,8 @@ class Supervision(Actor):
             return self._on_do_restart(msg)
         if isinstance(msg, Op):
             return self._on_op(msg)
+        if isinstance(msg, CancelStart):
+            return self._on_cancel_start(msg)
         if isinstance(msg, OpDone):
             return self._on_op_done(msg)
         if isinstance(msg, ShutdownAll):
@@ -249,7 +295,7 @@ class Supervision(Actor):
         self._order += 1
         actor = KernelActor(msg.options, kernel_id=msg.kernel_id, parent=self,
                             connection_info=msg.connection_info,
-                            connection_file=msg.connection_file)
+                            connection_file=msg.connection_file, context=self._context)
         actor.start()
         child = Child(msg.kernel_id, actor, msg.policy, self._order, msg.options,
                        pooled=msg.pooled)
@@ -263,6 +309,7 @@ class Supervision(Actor):
         child.epoch += 1
         child.status = "starting" if kind == "start" else "restarting"
         child.deferred_exit = None
+        child.cancelled = False
         epoch = child.epoch
         waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         # Automatic restarts have no caller: mark a failure as seen so asyncio does
@@ -274,6 +321,9 @@ class Supervision(Actor):
             error: BaseException | None = None
             try:
                 async with self._gate.slot(priority):
+                    if child.cancelled and child.epoch == epoch:
+                        raise KernelStartupError(
+                            f"start of kernel {child.kernel_id} cancelled: its caller went away")
                     result = await child.actor.ask(request)
                     if isinstance(result, asyncio.Future):  # a nested supervisor's revival
                         await result
@@ -506,6 +556,8 @@ class Supervision(Actor):
             except Exception as exc:
                 error = exc
             self.tell(OpDone(child.kernel_id, epoch, msg.op, error, args))
+            if done.done():  # the caller went away
+                return
             if error is not None:
                 done.set_exception(error)
             else:
@@ -534,6 +586,13 @@ class Supervision(Actor):
                     child.status = "ready"
                     child.history = child.history.started(self._clock())
                     self._settle_waiters(child)
+            elif current and child.cancelled:
+                # Its caller went away: the kernel stays stopped (no policy decision),
+                # known and startable again, as after a shutdown kept for a later start.
+                child.status = "stopped"
+                self._fail_waiters(child, msg.error)
+                self._emit("shutdown", child, reason="restart cancelled: its caller went away",
+                           manual=True)
             elif current:
                 child.status = "exited"
                 self._fail_waiters(child, msg.error)

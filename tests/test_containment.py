@@ -348,11 +348,10 @@ async def test_a_memory_hog_is_killed_out_of_memory_and_says_so(tmp_path: Path) 
         kc = s.get_kernel(kid).client()
         kc.start_channels()
         try:
-            with pytest.raises(Exception):  # noqa: B017 - the reply never comes
-                await kc.execute(MEMORY_HOG, reply=True, timeout=30)
+            kc.execute(MEMORY_HOG)  # no reply will come: wait for the exit instead
+            exited = (await events.wait_for(lambda e: e.kind == "exited"))[0]
         finally:
             kc.stop_channels()
-        exited = (await events.wait_for(lambda e: e.kind == "exited"))[0]
         assert exited.oom and exited.signal == signal.SIGKILL
         assert "out of memory (limit 300 MiB, peak 300 MiB)" in exited.reason
         dead = (await events.wait_for(lambda e: e.kind == "dead"))[0]
@@ -370,7 +369,10 @@ async def test_a_memory_hog_under_rlimit_gets_memory_error(tmp_path: Path) -> No
         kc = s.get_kernel(kid).client()
         kc.start_channels()
         try:
-            reply = await kc.execute("hog = b'x' * (2 << 30)", reply=True, timeout=30)
+            # stop_on_error=False: ipykernel would otherwise abort the next request if it
+            # arrives while it is still handling the error.
+            reply = await kc.execute("hog = b'x' * (2 << 30)", stop_on_error=False, reply=True,
+                                     timeout=30)
             assert reply["content"]["ename"] == "MemoryError"
             reply = await kc.execute("1 + 1", reply=True, timeout=30)
             assert reply["content"]["status"] == "ok"
@@ -410,3 +412,58 @@ def test_the_cli_says_a_kernel_died_out_of_memory() -> None:
     assert result.returncode == 1
     assert "the kernel died while running the code (signal SIGKILL: out of memory " \
            "(limit 300 MiB, peak 300 MiB))" in result.stderr
+
+
+
+LOSES_ITS_REAPER = """
+import asyncio, json, os, select, signal, sys
+sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_containment import escaper_spec, QUIET
+from supervisor.supervisor import Supervisor
+from supervisor.launchers import reaper_pid
+async def main():
+    async with Supervisor(launch=QUIET) as s:
+        a = await s.start_kernel(spec=escaper_spec("setsid", Path({tmp!r}) / "a"))
+        first = reaper_pid()
+        fd = os.pidfd_open(first)
+        os.kill(first, signal.SIGKILL)
+        select.select([fd], [], [], 10)
+        os.close(fd)
+        b = await s.start_kernel(spec=escaper_spec("setsid", Path({tmp!r}) / "b"))
+        second = reaper_pid()  # the write for b found the pipe broken: a new sidecar now
+        print("INFO", json.dumps({{"kernels": [s.actor_of(a).pid, s.actor_of(b).pid],
+                                   "reapers": [first, second]}}), flush=True)
+        await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
+def test_a_lost_reaper_is_replaced_and_told_every_live_kernel(tmp_path: Path) -> None:
+    """If the sidecar is killed, the next one learns every live kernel and ends them all."""
+    import json
+
+    code = textwrap.dedent(LOSES_ITS_REAPER.format(repo=str(REPO), tests=str(HERE),
+                                                   tmp=str(tmp_path)))
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert owner.stdout is not None
+        line = ""
+        while not line.startswith("INFO "):
+            line = owner.stdout.readline()
+            assert line, "the owner died before reporting"
+        info = json.loads(line[5:])
+        first, second = info["reapers"]
+        assert second != first
+        escaped = read_pids(tmp_path / "a") + read_pids(tmp_path / "b")
+        assert all_alive(info["kernels"] + escaped)
+        owner.kill()
+        owner.wait(10)
+        assert none_left([second], 10) == []
+        assert none_left(info["kernels"] + escaped, 0) == []
+    finally:
+        owner.kill()
+        owner.wait()
+        if owner.stdout:
+            owner.stdout.close()

@@ -36,6 +36,9 @@ A :class:`ProcessHandle` offers:
                             supervisor (culled)") and ``tree_ended``;
                             idempotent; ``final`` holds it afterwards
 ``stderr_tail()``           the last lines the kernel wrote to stderr
+``stderr_listener``         None, or a callable the handle calls on the loop
+                            with each chunk of stderr it reads (a start
+                            watches for bind errors through it)
 ``wait(timeout)``, ``close()``
 ==========================  ==================================================
 

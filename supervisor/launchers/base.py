@@ -188,6 +188,8 @@ class LaunchRequest:
     forward_stderr: bool = True
     capture_stderr: bool = True
     stdout: int | None = None
+    stderr: int | None = None  # where an uncaptured stderr goes (None: inherited)
+    independent: bool = False  # not registered with the reaper: may outlive us
     owned_files: Sequence[str] = ()
     contain: str = "auto"
     limits: Limits = field(default_factory=Limits)
@@ -210,6 +212,7 @@ class ProcessHandle(Protocol):
     exited: asyncio.Future[ExitStatus]
     final: ExitStatus | None
     method: str
+    stderr_listener: Callable[[bytes], None] | None
 
     @property
     def running(self) -> bool: ...
@@ -233,6 +236,8 @@ class ProcessHandle(Protocol):
     async def cleanup(self, cause: str = "") -> ExitStatus: ...
 
     def close(self) -> None: ...
+
+    def abandon(self) -> None: ...
 
 
 class Launcher(Protocol):

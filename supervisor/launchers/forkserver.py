@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -88,6 +89,19 @@ class _Child:
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Block until the kernel has exited (a pidfd: it is not our child to reap)."""
+        try:
+            fd = os.pidfd_open(self.pid)
+        except OSError:  # gone already
+            return self.returncode
+        try:
+            if not select.select([fd], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0.0)
+        finally:
+            os.close(fd)
         return self.returncode
 
 
@@ -232,7 +246,7 @@ class ForkServerLauncher:
     async def prepare(self, request: LaunchRequest) -> None:
         """Start (or reuse) the template ``request`` needs and wait until it is ready."""
         plan = plan_fork(request.argv, request.env)
-        if isinstance(plan, str) or not hasattr(os, "pidfd_open"):
+        if isinstance(plan, str) or request.independent or not hasattr(os, "pidfd_open"):
             return
         try:
             template = self._template(plan)
@@ -264,6 +278,9 @@ class ForkServerLauncher:
         plan = plan_fork(request.argv, request.env)
         if isinstance(plan, str):
             return self._fall_back(request, on_exit, plan)
+        if request.independent:
+            return self._fall_back(request, on_exit, "an independent kernel must be able to "
+                                   "outlive us, and a forked one dies with its template")
         if not hasattr(os, "pidfd_open"):
             return self._fall_back(request, on_exit, "no pidfd_open on this system")
         template = self._template(plan)
@@ -304,14 +321,17 @@ class ForkServerLauncher:
             if group is None and request.contain == "cgroup":
                 raise KernelStartupError(f"contain='cgroup' but {why_not or 'no cgroups'}")
         read_end = write_end = None
-        stdio: list[tuple[int, int]] = []
+        out = request.stdout if request.stdout is not None else 1
+        stdio: list[tuple[int, int]] = [(1, out)]
         if request.capture_stderr:
             read_end, write_end = os.pipe()
             stdio.append((2, write_end))
+        elif request.stderr == subprocess.STDOUT:
+            stdio.append((2, out))
         else:
-            stdio.append((2, 2))
-        stdio.append((1, request.stdout if request.stdout is not None else 1))
-        stdio = [(target, fd) for target, fd in stdio if _valid(fd)]  # else /dev/null
+            stdio.append((2, request.stderr if request.stderr is not None else 2))
+        # DEVNULL (a negative number) or a closed descriptor: /dev/null in the kernel
+        stdio = [(target, fd) for target, fd in stdio if _valid(fd)]
         try:
             pid = template.spawn(plan, request, env, stdio)
         except BaseException as exc:

@@ -144,7 +144,7 @@ def _popen(argv: list[str], env: dict[str, str], request: LaunchRequest
     try:
         return subprocess.Popen(
             argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=request.stdout,
-            stderr=subprocess.PIPE if request.capture_stderr else None,
+            stderr=subprocess.PIPE if request.capture_stderr else request.stderr,
             start_new_session=True, close_fds=True,
         )
     except FileNotFoundError as exc:
@@ -175,6 +175,9 @@ class LocalProcess:
         self._forward = request.forward_stderr
         self._on_exit = on_exit
         self._tail = bytearray()
+        # Called on the loop with each chunk read from stderr (the kernel actor
+        # reads a start's bind errors through it).
+        self.stderr_listener: Callable[[bytes], None] | None = None
         self._stderr_fd: int | None = None
         self._pidfd: int | None = None
         self._cgroup = cgroup
@@ -193,9 +196,11 @@ class LocalProcess:
             self._log.debug("containment.fallback", method=self.method, why=fallback_reason)
         self._apply_fallback_limits()
         self.exited: asyncio.Future[ExitStatus] = asyncio.get_running_loop().create_future()
-        reaper.register(self.pid, pgid=self.pgid,
-                        cgroups=[str(p) for p in cgroup.dirs] if cgroup else (),
-                        token=token, files=request.owned_files)
+        self._registered = not request.independent
+        if self._registered:
+            reaper.register(self.pid, pgid=self.pgid,
+                            cgroups=[str(p) for p in cgroup.dirs] if cgroup else (),
+                            token=token, files=request.owned_files)
         if popen.stderr is not None:
             fd = popen.stderr.fileno()
             os.set_blocking(fd, False)
@@ -224,7 +229,7 @@ class LocalProcess:
     @property
     def running(self) -> bool:
         """True until the kernel process has been reaped."""
-        return not self.exited.done()
+        return not self.exited.done() and self._popen.returncode is None
 
     def stderr_tail(self, lines: int = 20) -> str:
         """The last ``lines`` lines the process wrote to stderr."""
@@ -360,7 +365,7 @@ class LocalProcess:
             else:
                 self._log.warning("containment.cgroup_left", dirs=[str(d) for d in group.dirs])
         self._released = True
-        if group is None or not group.dirs:
+        if (group is None or not group.dirs) and self._registered:
             reaper.unregister(self.pid)
         if oom:
             cause = (f"out of memory (limit {format_bytes(self.limits.memory)}, "
@@ -376,6 +381,33 @@ class LocalProcess:
     def close(self) -> None:
         """Stop watching stderr; the process must already be reaped or killed."""
         self._close_stderr()
+
+    def abandon(self, timeout: float = 5.0) -> None:
+        """The owning loop is closed or not running: end the tree without it.
+
+        From any thread, while that loop is not running: SIGKILL the tree, reap
+        the kernel (a blocking wait, short after SIGKILL), remove its cgroup,
+        forget it at the reaper, close our pidfd and stderr pipe. :attr:`exited`
+        is resolved later, if the loop ever runs again.
+        """
+        if self._popen.returncode is None:
+            self.kill_tree()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._popen.wait(timeout)
+        if not self._released:
+            self.kill_tree()  # what the kernel left of its tree
+            self._released = True
+            # A cgroup still busy stays registered: the reaper removes it when we exit.
+            removed = self._cgroup is None or self._cgroup.remove()
+            if removed and self._registered:
+                reaper.unregister(self.pid)
+        if self._pidfd is not None:
+            self._loop.remove_handler(self._pidfd)  # no-op on a closed loop
+            os.close(self._pidfd)
+            self._pidfd = None
+        self._close_stderr()
+        if not self._loop.asyncio_loop.is_closed():  # type: ignore[attr-defined]
+            self._loop.add_callback(self._reap)
 
     # -- exit watch --------------------------------------------------------
     def _watch_exit(self) -> None:
@@ -445,6 +477,8 @@ class LocalProcess:
             self._tail += chunk
             if len(self._tail) > _TAIL_BYTES:
                 del self._tail[: len(self._tail) - _TAIL_BYTES]
+            if self.stderr_listener is not None:
+                self.stderr_listener(chunk)
             if self._forward:
                 try:
                     sys.stderr.write(chunk.decode("utf-8", "replace"))

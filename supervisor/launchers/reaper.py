@@ -34,10 +34,13 @@ class Reaper:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._owner_pid = 0
+        self._entries: dict[int, bytes] = {}  # replayed to a sidecar started after a loss
 
     def _ensure(self) -> subprocess.Popen[bytes] | None:
         if self._proc is not None and self._owner_pid == os.getpid():
             return self._proc
+        if self._owner_pid != os.getpid():
+            self._entries.clear()  # a forked child: the parent's kernels are not ours
         script = str(Path(__file__).with_name("_reaper.py"))
         try:
             self._proc = subprocess.Popen(
@@ -54,6 +57,10 @@ class Reaper:
             return None
         self._owner_pid = os.getpid()
         atexit.register(self._close, self._proc)
+        if self._entries and self._proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.write(b"".join(self._entries.values()))
+                self._proc.stdin.flush()
         return self._proc
 
     def _close(self, proc: subprocess.Popen[bytes]) -> None:
@@ -73,9 +80,14 @@ class Reaper:
             if self._proc is proc:
                 self._proc = None
 
-    def _write(self, line: bytes) -> None:
+    def _write(self, line: bytes, key: int | None = None) -> None:
         with self._lock:
             proc = self._ensure()
+            if key is not None:
+                if line.startswith(b"+"):
+                    self._entries[key] = line
+                else:
+                    self._entries.pop(key, None)
             if proc is None or proc.stdin is None:
                 return
             try:
@@ -98,11 +110,11 @@ class Reaper:
                 clean = _clean(value)
                 if clean:
                     fields.append(tag + clean)
-        self._write(b"\t".join(fields) + b"\n")
+        self._write(b"\t".join(fields) + b"\n", key)
 
     def unregister(self, key: int) -> None:
         """Forget a kernel whose tree is gone."""
-        self._write(b"-%d\n" % key)
+        self._write(b"-%d\n" % key, key)
 
     def pid(self) -> int | None:
         """The sidecar's pid, starting it if needed."""
