@@ -458,3 +458,28 @@ async def test_a_port_clash_ends_the_forked_kernel_at_once_and_the_start_retries
     assert any(e["event"] == "kernel.port_clash" for e in logs)
     assert sup.actor_of(kid).connection_info.iopub_port != info.iopub_port  # type: ignore[union-attr]
     assert isinstance(sup.actor_of(kid).process, ForkedProcess)
+
+
+async def test_stdout_and_stderr_targets_reach_the_forked_kernel(sup: Supervisor,
+                                                                  tmp_path: Path) -> None:
+    """stdout to a file and stderr=STDOUT are the forked kernel's fds 1 and 2, as with exec."""
+    out = tmp_path / "out.log"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        kid = await sup.start_kernel(spec=ipy_spec(), stdout=fd, stderr=subprocess.STDOUT)
+    finally:
+        os.close(fd)
+    assert isinstance(sup.actor_of(kid).process, ForkedProcess)
+    await evaluate(sup, kid, "import os; os.write(1, b'fd1-here\\n'); os.write(2, b'fd2-here\\n')",
+                   "1")
+    text = out.read_text()
+    assert "fd1-here" in text and "fd2-here" in text
+
+
+async def test_an_independent_kernel_is_execd(sup: Supervisor) -> None:
+    """independent=True (may outlive us) is exec'd: a forked kernel dies with its template."""
+    kid = await sup.start_kernel(spec=ipy_spec(), independent=True)
+    proc = sup.actor_of(kid).process
+    assert isinstance(proc, LocalProcess) and not isinstance(proc, ForkedProcess)
+    assert "independent" in proc.launch_note
+    await sup.shutdown_kernel(kid)
