@@ -281,6 +281,10 @@ class LaunchOptions:
         """The kernelspec to launch (looked up by name unless given)."""
         return self.spec if self.spec is not None else get_kernel_spec(self.kernel_name)
 
+    def pick_launcher(self, spec: KernelSpec) -> Launcher:
+        """These options' launcher, else the kernelspec's ``metadata.launcher``, else local."""
+        return choose_launcher(self.launcher, self.slurm_options, spec.metadata, spec.name)
+
     def containment(self, spec: KernelSpec) -> tuple[str, Limits]:
         """(contain mode, limits): these options, else the kernelspec's ``metadata``.
 
@@ -709,8 +713,10 @@ class KernelActor(Actor):
                 contain=contain, limits=limits, label=self.kernel_id,
                 connection_file=str(self.connection_file),
             )
-            launcher = choose_launcher(opts.launcher, opts.slurm_options, spec.metadata,
-                                       spec.name)
+            launcher = opts.pick_launcher(spec)
+            prepare = getattr(launcher, "prepare", None)
+            if prepare is not None:  # e.g. the fork server starting its template
+                await prepare(request)
             proc = launcher.launch(
                 request, lambda status: self.tell(ProcessExited(launched[0], status)))
         except (KernelStartupError, KernelSpecError):

@@ -341,10 +341,12 @@ class Supervision(Actor):
         if msg.error is None:
             child.status = "ready"
             child.history = child.history.started(self._clock())
+            proc = child.actor.process if isinstance(child.actor, KernelActor) else None
+            note = str(getattr(proc, "launch_note", ""))
             if msg.kind == "start":
-                self._emit("ready", child)
+                self._emit("ready", child, reason=note)
             else:
-                self._emit("restarted", child, manual=msg.kind == "manual")
+                self._emit("restarted", child, manual=msg.kind == "manual", reason=note)
             self._settle_waiters(child)
             return
         error = msg.error

@@ -253,8 +253,11 @@ def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
     """``--launcher`` and ``--slurm-option``: where the kernels run (see docs/slurm.md)."""
     group = p.add_argument_group("launcher (see docs/slurm.md)")
     group.add_argument("--launcher", choices=LAUNCHER_NAMES, default=None,
-                       help="where kernels run: here (local) or as Slurm job steps (slurm); "
-                            "default: the kernelspec's metadata.launcher, else local")
+                       help="how kernels start and where they run: a new interpreter here "
+                            "(local, also called exec), forked from a template that imported "
+                            "ipykernel once (fork; Python kernels only, others are exec'd), or "
+                            "as Slurm job steps (slurm); default: the kernelspec's "
+                            "metadata.launcher, else local")
     group.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
                        type=slurm_option_arg,
                        help="an srun long option for Slurm kernels, e.g. partition=debug, "

@@ -46,7 +46,8 @@ Every launcher keeps three guarantees: nothing the kernel starts outlives
 ``cleanup``; nothing outlives the supervising process, even when it is
 SIGKILLed (the reaper sidecar, :mod:`supervisor.launchers.reaper`); and
 limits are enforced by the best method the machine offers, named in
-``resources()``. A fork server and a Slurm launcher plug in here later.
+``resources()``. The fork server (:mod:`supervisor.launchers.forkserver`) is one; a Slurm
+launcher plugs in here later.
 
 Containment, and why this way
 =============================
@@ -102,13 +103,17 @@ from supervisor.launchers.base import (
     parse_cpu_limit,
     parse_memory_limit,
 )
+from supervisor.launchers.choose import LAUNCHER_NAMES, launcher_named
+from supervisor.launchers.forkserver import ForkServerLauncher
 from supervisor.launchers.local import LocalLauncher, LocalProcess
 from supervisor.launchers.reaper import reaper_pid
 
 __all__ = [
     "CONTAIN_MODES",
+    "LAUNCHER_NAMES",
     "Endpoint",
     "ExitStatus",
+    "ForkServerLauncher",
     "LaunchRequest",
     "Launcher",
     "Limits",
@@ -118,6 +123,7 @@ __all__ = [
     "RemoteHandle",
     "Resources",
     "format_bytes",
+    "launcher_named",
     "parse_cpu_limit",
     "parse_memory_limit",
     "reaper_pid",

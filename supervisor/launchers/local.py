@@ -161,6 +161,10 @@ def _popen(argv: list[str], env: dict[str, str], request: LaunchRequest
 class LocalProcess:
     """A kernel process we launched, its contained tree, and its exit."""
 
+    # How it came to be, when that is news ("exec'd, not forked: ..."): the
+    # supervisor puts it in the kernel's ready/restarted event.
+    launch_note = ""
+
     def __init__(self, popen: subprocess.Popen[bytes], request: LaunchRequest, *,
                  on_exit: Callable[[ExitStatus], None] | None, cgroup: KernelCgroup | None,
                  token: str | None, fallback_reason: str = "") -> None:
