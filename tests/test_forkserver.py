@@ -410,7 +410,7 @@ def test_an_unknown_launcher_name_is_a_configuration_error() -> None:
     """launcher='spawn' is refused when the options are made, naming the choices."""
     from supervisor.errors import ConfigurationError
 
-    with pytest.raises(ConfigurationError, match=r"launcher must be one of \('exec', 'fork'\)"):
+    with pytest.raises(ConfigurationError, match=r"launcher must be one of \('local', 'exec', 'fork', 'slurm'\)"):
         LaunchOptions(launcher="spawn")
 
 
