@@ -191,6 +191,7 @@ class Supervisor(Actor):
         cull_idle_timeout: float = 0.0,
         cull_interval: float = 300.0,
         cull_busy: bool = False,
+        cull_spare: Callable[[str], bool] | None = None,
         launch: LaunchOptions | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -221,6 +222,9 @@ class Supervisor(Actor):
         self.cull_idle_timeout = float(cull_idle_timeout)
         self.cull_interval = float(cull_interval)
         self.cull_busy = cull_busy
+        # A predicate of a kernel id: True spares that kernel from this cull round
+        # (the gateway spares kernels with connected clients).
+        self.cull_spare = cull_spare
         self._clock = clock
         self._rng = rng or random.Random()
         self._gate = StartGate(max_concurrent_starts)
@@ -905,6 +909,8 @@ class Supervisor(Actor):
             if timeout <= 0:
                 continue
             if actor.execution_state == "busy" and not self.cull_busy:
+                continue
+            if self.cull_spare is not None and self.cull_spare(child.kernel_id):
                 continue
             idle = now - actor.last_activity
             if idle < timeout:
