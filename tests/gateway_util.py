@@ -145,7 +145,10 @@ async def until(ws: WebSocketClientConnection, predicate: Any, timeout: float = 
             seen.append(msg)
             if predicate(msg):
                 return seen
-    return await asyncio.wait_for(loop(), timeout)
+    try:
+        return await asyncio.wait_for(loop(), timeout)
+    except asyncio.TimeoutError:
+        raise AssertionError(f"timed out; seen {[(m.get('channel'), m.get('msg_type'), m.get('content', {}).get('execution_state')) for m in seen]}") from None
 
 
 async def execute(ws: WebSocketClientConnection, code: str,
@@ -175,3 +178,18 @@ async def execute(ws: WebSocketClientConnection, code: str,
 def stdout_of(msgs: list[dict[str, Any]]) -> str:
     return "".join(m["content"]["text"] for m in msgs
                    if m["msg_type"] == "stream" and m["content"]["name"] == "stdout")
+
+
+async def close_all(*sockets: WebSocketClientConnection) -> None:
+    """Close client WebSockets and wait until each connection is really gone."""
+    open_ones = []
+    for ws in sockets:
+        stream = getattr(ws.protocol, "stream", None)
+        if stream is not None and not stream.closed():
+            open_ones.append(ws)
+        ws.close()
+    for ws in open_ones:
+        async def drain(ws: WebSocketClientConnection = ws) -> None:
+            while await ws.read_message() is not None:
+                pass
+        await asyncio.wait_for(drain(), 10)

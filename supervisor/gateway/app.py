@@ -161,13 +161,16 @@ class Gateway:
             listener(event)
         kid = event.kernel_id
         bridge = self.bridges.get(kid)
-        if event.kind == "restarting" and not event.manual and bridge is not None:
-            bridge.publish_status("restarting")
+        if event.kind in ("exited", "restarting") and bridge is not None:
+            bridge.kernel_gone()
+            if event.kind == "restarting" and not event.manual:
+                bridge.publish_status("restarting")
         elif event.kind == "restarted" and bridge is not None:
             with contextlib.suppress(KernelStateError):
                 info = self.supervisor.actor_of(kid).connection_info
                 if info is not None:
                     bridge.attach(info)
+                bridge.kernel_back()
         elif event.kind == "dead":
             self.metrics.count("kernel_deaths", cause=death_cause(event))
             if kid in self._names or bridge is not None:

@@ -11,6 +11,12 @@ back to us; an IOPub SUB) however many clients are connected:
   a peer that reconnects with the same ``session_id`` within the replay
   window receives what it missed.
 
+Requests are held back (bounded) until the IOPub subscription is proven
+live, after the first connection and after each kernel restart: a welcome or
+any IOPub message opens the gate, and until one comes the bridge asks the
+kernel for ``kernel_info`` every half second (as jupyter_server's "nudge"
+does). So no client request runs before its output can be seen.
+
 A :class:`Peer` is one WebSocket client seen from here: an outgoing queue with
 a byte budget. When a peer cannot keep up, IOPub messages other than
 ``status`` are dropped (and counted) once its queue passes the budget; if even
@@ -49,6 +55,9 @@ __all__ = ["KernelBridge", "Peer"]
 log = structlog.get_logger("supervisor.gateway")
 
 _ROUTES_MAX = 10_000
+_HELD_MAX = 1000
+_NUDGE_EVERY = 0.5  # s between kernel_info requests while IOPub is unproven
+_NUDGE_FOR = 30.0  # s after which the gate opens anyway
 _ALWAYS_KEEP = frozenset({"status", "execute_input", "error", "clear_output"})
 CLOSE_TOO_SLOW = 1013
 
@@ -111,7 +120,8 @@ class Peer:
                             pending = self._write(frame)
                             self._metrics.count("ws_messages_out")
                         if pending is not None:
-                            await pending
+                            # shielded: cancelling the writer must not cancel tornado's future
+                            await asyncio.shield(pending)
                     except Exception:  # the socket went away under us
                         self.shut(1001, "gone")
                         return
@@ -162,9 +172,15 @@ class KernelBridge:
         self._own_session = str(uuid.uuid4())
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._iopub_live = asyncio.Event()
+        self._held: deque[tuple[Peer, Incoming]] = deque()
+        self._nudges: deque[str] = deque(maxlen=64)  # our own kernel_info requests
+        self._nudger: asyncio.Task[None] | None = None
         self.info: ConnectionInfo | None = None
         self._signer = Session(info.key, info.signature_scheme, check_replay=False)
         self.closed = False
+        # Set whenever a peer comes or goes (tests and dashboards wait on it).
+        self.peers_changed = asyncio.Event()
         self.attach(info)
 
     # -- sockets -------------------------------------------------------------------------
@@ -181,9 +197,49 @@ class KernelBridge:
                                    identity=None if channel == "iopub" else identity)
             self._sockets[channel] = sock
             self._tasks.append(asyncio.ensure_future(self._read(channel, sock)))
+        self.kernel_back()
+
+    def kernel_gone(self) -> None:
+        """The kernel exited or is restarting: hold requests until IOPub is proven again."""
+        self._iopub_live.clear()
+        if self._nudger is not None:
+            self._nudger.cancel()
+            self._nudger = None
+
+    def kernel_back(self) -> None:
+        """The kernel is (again) ready: prove IOPub, then release held requests."""
+        if self._iopub_live.is_set() or self._nudger is not None or not self._sockets:
+            return
+        self._nudger = asyncio.ensure_future(self._nudge())
+
+    async def _nudge(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + _NUDGE_FOR
+            while not self._iopub_live.is_set() and loop.time() < deadline:
+                sock = self._sockets.get("shell")
+                if sock is None:
+                    return
+                msg = self._signer.msg("kernel_info_request")
+                self._nudges.append(msg.msg_id)
+                pending = sock.send_multipart(self._signer.serialize(msg))
+                if isinstance(pending, asyncio.Future):
+                    pending.add_done_callback(lambda f: f.cancelled() or f.exception())
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._iopub_live.wait(), _NUDGE_EVERY)
+            self._open_gate()
+        self._nudger = None
+
+    def _open_gate(self) -> None:
+        self._iopub_live.set()
+        held, self._held = self._held, deque()
+        for peer, msg in held:
+            if not peer.closed:
+                self._send_now(peer, msg)
 
     def detach(self) -> None:
         """Close the kernel-side sockets (peers stay connected)."""
+        self.kernel_gone()
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
@@ -218,12 +274,17 @@ class KernelBridge:
             return
         self._metrics.count("kernel_messages", channel=channel)
         if channel == "iopub":
-            if msg_type == "iopub_welcome":
-                return
+            if not self._iopub_live.is_set():
+                self._open_gate()
+            if msg_type == "iopub_welcome" or (
+                    self._nudges and _loads(parts[1]).get("msg_id") in self._nudges):
+                return  # our own traffic: the clients never asked for it
             self._publish(parts, msg_id, msg_type)
             return
         parent = _loads(parts[1])
         parent_id = parent.get("msg_id")
+        if isinstance(parent_id, str) and parent_id in self._nudges:
+            return
         key = self._routes.get(parent_id) if isinstance(parent_id, str) else None
         if key is not None and channel in ("shell", "control") and msg_type.endswith("_reply"):
             self._routes.pop(parent_id, None)  # type: ignore[arg-type]
@@ -263,6 +324,7 @@ class KernelBridge:
     def add_peer(self, peer: Peer) -> int:
         """Register a client; replay missed IOPub if it is a known session. Returns replayed."""
         self.peers[peer.key] = peer
+        self.peers_changed.set()
         self._sessions[peer.session_id] = peer.key
         now = time.monotonic()
         self._departed = {s: v for s, v in self._departed.items() if v[1] > now}
@@ -281,6 +343,7 @@ class KernelBridge:
         """Forget a client; remember where its session was for the replay window."""
         if self.peers.pop(peer.key, None) is None:
             return
+        self.peers_changed.set()
         if self._sessions.get(peer.session_id) == peer.key:
             del self._sessions[peer.session_id]
         if self._window > 0 and self._replay_max:
@@ -289,7 +352,20 @@ class KernelBridge:
                                                time.monotonic() + self._window)
 
     def send(self, peer: Peer, msg: Incoming) -> bool:
-        """Sign and send a client's message to the kernel; False if it cannot go now."""
+        """Sign and send a client's message to the kernel (held until IOPub is live).
+
+        False if it cannot go: the kernel is gone, or too much is held already.
+        """
+        if not self._sockets:
+            return False
+        if not self._iopub_live.is_set():
+            if len(self._held) >= _HELD_MAX:
+                return False
+            self._held.append((peer, msg))
+            return True
+        return self._send_now(peer, msg)
+
+    def _send_now(self, peer: Peer, msg: Incoming) -> bool:
         sock = self._sockets.get(msg.channel)
         if sock is None:
             return False
@@ -311,8 +387,9 @@ class KernelBridge:
         return True
 
     def tasks(self) -> list[asyncio.Task[None]]:
-        """The reader and writer tasks (to await after :meth:`close`)."""
-        return [*self._tasks, *(p.task for p in self.peers.values())]
+        """The reader, writer and nudge tasks (to await after :meth:`close`)."""
+        nudger = [self._nudger] if self._nudger is not None else []
+        return [*self._tasks, *(p.task for p in self.peers.values()), *nudger]
 
     def close(self, code: int = 1000, reason: str = "kernel shut down") -> None:
         """Close every peer and socket."""
@@ -322,3 +399,4 @@ class KernelBridge:
         self.peers.clear()
         self.detach()
         self._replay.clear()
+        self._held.clear()
