@@ -33,17 +33,17 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import structlog
 from tornado.ioloop import IOLoop
 from tornado.queues import Queue
 
+from supervisor._log import get_logger
 from supervisor.errors import KernelClosedError, KernelStateError
 
 __all__ = ["Actor", "Stop", "background_loop", "run_blocking"]
 
 T = TypeVar("T")
 
-log = structlog.get_logger("supervisor.actor")
+log = get_logger("supervisor.actor")
 _ids = itertools.count(1)
 
 
@@ -197,8 +197,13 @@ class Actor:
 
     # -- internals ---------------------------------------------------------
     def _dead_error(self, msg: object) -> KernelClosedError:
+        what = type(msg).__name__.lstrip("_")
+        if self._state == "new":
+            return KernelClosedError(
+                f"{self.name} was never started: call its start() (or use it as "
+                f"'async with ...') before asking it anything ({what})")
         reason = self._stop_reason or "it is not running"
-        return KernelClosedError(f"{self.name} cannot take {type(msg).__name__}: {reason}")
+        return KernelClosedError(f"{self.name} cannot take {what}: {reason}")
 
     async def _run(self) -> None:
         try:

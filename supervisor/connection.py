@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
 import zmq
 
+from supervisor._log import get_logger
 from supervisor.errors import ConfigurationError, ConnectionFileError
 
 __all__ = [
@@ -47,7 +47,7 @@ __all__ = [
     "write_connection_file",
 ]
 
-log = structlog.get_logger("supervisor.connection")
+log = get_logger("supervisor.connection")
 
 CHANNELS: tuple[str, ...] = ("shell", "iopub", "stdin", "control", "hb")
 TRANSPORTS = ("tcp", "ipc")

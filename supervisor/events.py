@@ -26,11 +26,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import structlog
+from supervisor._log import get_logger
 
 __all__ = ["EVENT_KINDS", "Dispatcher", "EventKind", "KernelEvent", "Listener"]
 
-log = structlog.get_logger("supervisor.events")
+log = get_logger("supervisor.events")
 
 EventKind = Literal[
     "starting", "ready", "exited", "restarting", "restarted", "gave_up", "dead",

@@ -43,10 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
 import zmq
 import zmq.asyncio
 
+from supervisor._log import get_logger
 from supervisor.actor import Actor
 from supervisor.client import connect_channel
 from supervisor.connection import (
@@ -81,7 +81,7 @@ __all__ = [
     "Start",
 ]
 
-log = structlog.get_logger("supervisor.kernel")
+log = get_logger("supervisor.kernel")
 
 _PORT_CLASH = "Address already in use"
 _live: weakref.WeakSet[KernelActor] = weakref.WeakSet()

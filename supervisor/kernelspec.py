@@ -29,8 +29,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import structlog
-
+from supervisor._log import get_logger
 from supervisor.errors import KernelSpecError, NoSuchKernel
 
 __all__ = [
@@ -47,7 +46,7 @@ __all__ = [
     "native_python_spec",
 ]
 
-log = structlog.get_logger("supervisor.kernelspec")
+log = get_logger("supervisor.kernelspec")
 
 NATIVE_KERNEL_NAME = "python3"
 #: Kernel names jupyter accepts: ASCII letters, digits, ``.``, ``_`` and ``-``.

@@ -22,6 +22,7 @@ A :class:`KernelProcess` belongs to the IOLoop that was current when
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import errno
 import os
@@ -33,14 +34,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
 from tornado.ioloop import IOLoop
 
+from supervisor._log import get_logger
 from supervisor.errors import KernelStartupError
 
 __all__ = ["ExitStatus", "KernelProcess", "reaper_pid"]
 
-log = structlog.get_logger("supervisor.process")
+log = get_logger("supervisor.process")
 
 _TAIL_BYTES = 16384
 
@@ -102,7 +103,25 @@ class _Reaper:
             self._proc = None
             return None
         self._owner_pid = os.getpid()
+        atexit.register(self._close, self._proc)
         return self._proc
+
+    def _close(self, proc: subprocess.Popen[bytes]) -> None:
+        """At interpreter exit: close our end of the pipe and reap the sidecar.
+
+        The sidecar sees end of file, kills what is still registered and exits,
+        so nothing is left behind and no Popen or pipe is left to the garbage
+        collector. A forked child (other owner) only closes its copy of the pipe.
+        """
+        with self._lock:
+            if proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()
+            if self._owner_pid == os.getpid():
+                with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+                    proc.wait(timeout=2)
+            if self._proc is proc:
+                self._proc = None
 
     def _write(self, line: bytes) -> None:
         with self._lock:

@@ -10,7 +10,8 @@ import supervisor
 
 PACKAGE = Path(supervisor.__file__).parent
 LAYERS = ["errors", "wire", "connection", "kernelspec", "process", "actor", "client", "kernel",
-          "policy", "events", "startgate", "supervisor", "manager", "cli"]
+          "policy", "events", "startgate", "children", "supervision", "pool", "supervisor", "manager",
+          "gateway", "cli"]
 
 
 def test_all_lists_exactly_the_public_names() -> None:
@@ -26,21 +27,26 @@ def test_all_lists_exactly_the_public_names() -> None:
 
 def test_layers_import_only_layers_above_them() -> None:
     """A module imports only modules earlier in the layer list (errors from anywhere)."""
+    seen = set()
     for index, layer in enumerate(LAYERS):
-        path = PACKAGE / f"{layer}.py"
-        if not path.exists():
-            continue
-        allowed = set(LAYERS[:index]) | {"errors", "_reaper"}
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
-                    "supervisor."):
-                target = node.module.split(".")[1]
-                assert target in allowed, f"{layer} imports {target}"
+        room = PACKAGE / layer
+        paths = sorted(room.rglob("*.py")) if room.is_dir() else [PACKAGE / f"{layer}.py"]
+        assert paths[0].exists(), f"layer {layer} has no module"
+        allowed = set(LAYERS[:index]) | {layer, "errors", "_log", "_reaper"}
+        for path in paths:
+            seen.add(path)
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
+                        "supervisor."):
+                    target = node.module.split(".")[1]
+                    assert target in allowed, f"{path.relative_to(PACKAGE)} imports {target}"
+    private = {PACKAGE / n for n in ("__init__.py", "__main__.py", "_log.py", "_reaper.py")}
+    assert set(PACKAGE.rglob("*.py")) - seen - private == set(), "a module outside the layers"
 
 
 def test_no_jupyter_runtime_dependencies() -> None:
     """Nothing in supervisor/ imports jupyter_client, traitlets or ipykernel."""
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names = []
@@ -56,8 +62,10 @@ def test_no_jupyter_runtime_dependencies() -> None:
 
 def test_every_module_says_who_owns_its_objects() -> None:
     """Each module has a docstring (thread/loop ownership is stated there)."""
-    for path in PACKAGE.glob("*.py"):
-        module = importlib.import_module(f"supervisor.{path.stem}") if path.stem != "__main__" \
-            else None
-        if module is not None:
-            assert module.__doc__, path.name
+    for path in PACKAGE.rglob("*.py"):
+        if path.stem == "__main__":
+            continue
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        name = ".".join(("supervisor", *parts[:-1])) if parts[-1] == "__init__" \
+            else ".".join(("supervisor", *parts))
+        assert importlib.import_module(name).__doc__, path.name

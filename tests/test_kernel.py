@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import zmq
 from conftest import fake_spec, pid_gone
-from structlog.testing import capture_logs
 
+from supervisor._log import capture_logs
 from supervisor.actor import Actor
 from supervisor.connection import new_connection_info
 from supervisor.errors import KernelClosedError, KernelStartupError, KernelStateError

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from structlog.testing import capture_logs
 
+from supervisor._log import capture_logs
 from supervisor.errors import KernelSpecError, NoSuchKernel
 from supervisor.kernelspec import (
     NAME_PATTERN,
@@ -98,18 +98,28 @@ def test_jupyter_path_matches_jupyter_core(env: Env, monkeypatch: pytest.MonkeyP
 
 def test_jupyter_path_venv_first(env: Env, tmp_path: Path) -> None:
     """Inside a virtualenv the env dir precedes the user dir, exactly as jupyter_core orders it."""
+    import site
+
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages",
-                    str(venv)], check=True, timeout=60)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=60)
+    # The new venv sees the packages of the interpreter running this test (itself often a
+    # venv, whose packages a nested --system-site-packages venv would not see) through a
+    # .pth file; it is still a venv of its own, which is what the ordering depends on.
+    inner = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    paths = [*site.getsitepackages(), str(Path(__file__).resolve().parents[1])]
+    (inner / "site-packages" / "outer.pth").write_text("\n".join(paths) + "\n")
     code = (
-        "import json; from jupyter_core.paths import jupyter_path as j;"
+        "import json, sys; from jupyter_core.paths import jupyter_path as j;"
         " from supervisor.kernelspec import jupyter_path as k;"
-        " print(json.dumps([j('kernels'), [str(p) for p in k('kernels')]]))"
+        " assert sys.prefix != sys.base_prefix, 'not in a venv';"
+        " print(json.dumps([sys.prefix, j('kernels'), [str(p) for p in k('kernels')]]))"
     )
     out = subprocess.run([str(venv / "bin" / "python"), "-c", code], env=_subprocess_env(env),
-                         cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                         text=True, check=True, timeout=60)
-    theirs, ours = json.loads(out.stdout)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    prefix, theirs, ours = json.loads(out.stdout)
+    assert Path(prefix) == venv
     assert ours == theirs
     venv_share = str(venv / "share" / "jupyter" / "kernels")
     assert ours.index(venv_share) < ours.index(str(env.data / "kernels"))

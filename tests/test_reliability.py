@@ -31,8 +31,8 @@ import pytest
 import zmq
 import zmq.asyncio
 from conftest import FAKE_KERNEL, Events, fake_spec, kernel_descendants, pid_gone
-from structlog.testing import capture_logs
 
+from supervisor._log import capture_logs
 from supervisor.client import KernelClient
 from supervisor.connection import ConnectionInfo, new_key, runtime_dir
 from supervisor.errors import (

@@ -18,8 +18,8 @@ import pytest
 import zmq
 import zmq.asyncio
 from conftest import fake_spec, kernel_descendants, pid_gone
-from structlog.testing import capture_logs
 
+from supervisor._log import capture_logs
 from supervisor.client import KernelClient
 from supervisor.connection import ipc_paths, new_key, read_connection_file, runtime_dir
 from supervisor.errors import ChannelTimeout, ConfigurationError

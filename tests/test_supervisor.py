@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 from conftest import Events, fake_kernel_spec_dir, fake_spec, pid_gone
-from structlog.testing import capture_logs
 
+from supervisor._log import capture_logs
 from supervisor.errors import ConfigurationError, KernelLimitError, KernelStartupError
 from supervisor.events import KernelEvent
 from supervisor.kernel import LaunchOptions
@@ -348,3 +348,15 @@ async def test_cull_busy_culls_busy_kernels_too() -> None:
             await events.wait_for(lambda e: e.kind == "culled" and e.kernel_id == kid)
         finally:
             kc.stop_channels()
+
+
+async def test_a_supervisor_never_started_says_what_to_do() -> None:
+    """Using a Supervisor before start() fails at once with a typed error that says to start it,
+    and names no internal message class."""
+    from supervisor.errors import KernelClosedError
+
+    sup = Supervisor(name="unstarted")
+    with pytest.raises(KernelClosedError, match=r"unstarted was never started: call its start\(\)"
+                       ) as err:
+        await sup.start_kernel(spec=fake_spec())
+    assert "_StartChild" not in str(err.value)

@@ -22,10 +22,10 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-import structlog
 import tornado.web
 import zmq.asyncio
 
+from supervisor._log import get_logger
 from supervisor.errors import KernelStateError
 from supervisor.events import KernelEvent
 from supervisor.gateway.bridge import KernelBridge
@@ -36,7 +36,7 @@ from supervisor.supervisor import Supervisor
 
 __all__ = ["Gateway", "GatewayApp", "make_app"]
 
-log = structlog.get_logger("supervisor.gateway")
+log = get_logger("supervisor.gateway")
 
 _DEAD_KEPT = 100
 _STATE_OF_STATUS = {"starting": "starting", "restarting": "restarting", "backoff": "restarting",

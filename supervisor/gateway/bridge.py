@@ -40,10 +40,10 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import structlog
 import zmq
 import zmq.asyncio
 
+from supervisor._log import get_logger
 from supervisor.client import connect_channel
 from supervisor.connection import ConnectionInfo
 from supervisor.gateway.metrics import Metrics
@@ -52,7 +52,7 @@ from supervisor.wire import DELIMITER, PROTOCOL_VERSION, Session, utcnow
 
 __all__ = ["KernelBridge", "Peer"]
 
-log = structlog.get_logger("supervisor.gateway")
+log = get_logger("supervisor.gateway")
 
 _ROUTES_MAX = 10_000
 _HELD_MAX = 1000

@@ -17,10 +17,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import structlog
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
+from supervisor._log import get_logger
 from supervisor.gateway.app import GatewayApp, make_app
 from supervisor.gateway.settings import GatewaySettings
 from supervisor.policy import RestartPolicy
@@ -28,7 +28,7 @@ from supervisor.supervisor import Supervisor
 
 __all__ = ["Server", "serve"]
 
-log = structlog.get_logger("supervisor.gateway")
+log = get_logger("supervisor.gateway")
 
 
 class Server:
