@@ -42,15 +42,20 @@ def read_line(proc: subprocess.Popen[bytes], deadline: float) -> str:
     return line.decode().rstrip("\n")
 
 
+def start_gateway(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """``python -m supervisor gateway ARGS`` with stdout a pipe and stderr in ``log``."""
+    with open(log, "wb") as err:
+        return subprocess.Popen([sys.executable, "-m", "supervisor", "gateway", *args],
+                                cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=err)
+
+
 async def test_cli_serves_kg_env_and_sigterm_stops_everything(specs: Path, tmp_path: Path) -> None:
     """The command honours KG_* variables, kernels never see the token, and SIGTERM shuts every kernel down and exits 0."""
     env = {**os.environ, "KG_PORT": "0", "KG_AUTH_TOKEN": TOKEN, "KG_DEFAULT_KERNEL_NAME": "fake",
            "KG_MAX_KERNELS": "2", "JUPYTER_PATH": str(specs),
            "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
-    with open(tmp_path / "stderr.log", "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "supervisor", "gateway"], cwd=ROOT,
-                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=err)
+    proc = start_gateway(env, tmp_path / "stderr.log")
     http = AsyncHTTPClient(force_instance=True)
     try:
         deadline = time.monotonic() + 20
