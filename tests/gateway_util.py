@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -193,3 +196,83 @@ async def close_all(*sockets: WebSocketClientConnection) -> None:
             while await ws.read_message() is not None:
                 pass
         await asyncio.wait_for(drain(), 10)
+
+
+JS_TOKEN = "jupyter-server-token-42"
+READY = "ks-ready-probe: accepting connections"
+# jupyter_server prints its URL before it binds its port (on its loop's first turn);
+# this server extension's start hook runs after that, so its line means "listening".
+PROBE = f"""
+def _jupyter_server_extension_points():
+    return [{{"module": "ks_ready_probe"}}]
+
+def _load_jupyter_server_extension(serverapp):
+    pass
+
+async def _start_jupyter_server_extension(serverapp):
+    serverapp.log.info("{READY}")
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@asynccontextmanager
+async def notebook_server(gateway_url: str, tmp: Path, module: str = "jupyter_server"
+                          ) -> AsyncIterator[str]:
+    """jupyter_server (or ``module``, e.g. jupyterlab) on 127.0.0.1 with isolated dirs,
+    using our gateway; stopped (SIGTERM, then waited for) after."""
+    port = free_port()
+    for d in ("config", "data", "runtime", "root", "probe"):
+        (tmp / d).mkdir(exist_ok=True)
+    (tmp / "probe" / "ks_ready_probe.py").write_text(PROBE)
+    (tmp / "config" / "jupyter_server_config.json").write_text(json.dumps(
+        {"ServerApp": {"jpserver_extensions": {"ks_ready_probe": True}}}))
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp / "config"),
+           "JUPYTER_DATA_DIR": str(tmp / "data"), "JUPYTER_RUNTIME_DIR": str(tmp / "runtime"),
+           "JUPYTER_PLATFORM_DIRS": "1", "JUPYTER_CONFIG_PATH": str(tmp / "config"),
+           "PYTHONPATH": str(tmp / "probe")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", module, "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={JS_TOKEN}", f"--ServerApp.root_dir={tmp / 'root'}",
+        f"--gateway-url={gateway_url}", f"--GatewayClient.auth_token={TOKEN}",
+        "--GatewayClient.request_timeout=60", "--GatewayClient.connect_timeout=20",
+        env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+    lines: list[str] = []
+    running = asyncio.Event()
+
+    async def drain() -> None:
+        assert proc.stderr is not None
+        async for raw in proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            lines.append(line)
+            if READY in line:
+                running.set()
+    reader = asyncio.ensure_future(drain())
+    try:
+        waiter = asyncio.ensure_future(running.wait())
+        await asyncio.wait({waiter, reader}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if not running.is_set():
+            raise AssertionError("jupyter_server did not start:\n" + "\n".join(lines[-40:]))
+        try:
+            yield f"http://127.0.0.1:{port}/"
+        except BaseException:
+            print("jupyter_server said:", *lines[-60:], sep="\n")
+            raise
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+        await reader
