@@ -90,6 +90,9 @@ class ChannelsHandler(_Base):
     def open(self, *args: str, **kwargs: str) -> None:
         kernel_id = kwargs["kernel_id"]
         gateway = self.gateway
+        # Replies follow small IOPub frames: with Nagle on, each would wait for the
+        # client's delayed ACK (40 ms on Linux) before leaving.
+        self.set_nodelay(True)
         try:
             bridge = gateway.bridge(kernel_id)
         except KernelStateError as exc:
