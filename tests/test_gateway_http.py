@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
-from gateway_util import TOKEN, gateway, write_specs
+from gateway_util import TOKEN, close_all, execute, gateway, stdout_of, write_specs
+from tornado.httpclient import HTTPRequest
+from tornado.websocket import websocket_connect
 
 from supervisor.errors import ConfigurationError
 from supervisor.gateway import GatewaySettings, settings_from_env
@@ -232,3 +236,32 @@ def test_kg_environment_variables_map_to_settings() -> None:
     assert settings.url() == "http://127.0.0.1:9999/kg/"
     with pytest.raises(ConfigurationError):
         settings_from_env({"KG_PORT": "eighty"})
+
+
+def self_signed(tmp: Path) -> tuple[str, str]:
+    """A throwaway certificate for 127.0.0.1 (openssl)."""
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a certificate")
+async def test_tls_serves_https_and_wss(tmp_path: Path) -> None:
+    """With certfile/keyfile the gateway speaks HTTPS and WSS (and its URL says https)."""
+    cert, key = self_signed(tmp_path)
+    async with gateway(certfile=cert, keyfile=key) as gw:
+        assert gw.url.startswith("https://127.0.0.1:")
+        resp = await gw.http.fetch(HTTPRequest(gw.url + "api", validate_cert=False,
+                                               headers={"Authorization": f"token {TOKEN}"}))
+        assert json.loads(resp.body)["version"]
+        kid = json.loads((await gw.http.fetch(HTTPRequest(
+            gw.url + "api/kernels", method="POST", body="{}", validate_cert=False,
+            headers={"Authorization": f"token {TOKEN}"}))).body)["id"]
+        ws = await websocket_connect(HTTPRequest(
+            f"wss{gw.url[5:]}api/kernels/{kid}/channels", validate_cert=False,
+            headers={"Authorization": f"token {TOKEN}"}))
+        _, seen = await execute(ws, "print('secure')")
+        assert stdout_of(seen) == "secure\n"
+        await close_all(ws)

@@ -284,3 +284,54 @@ async def test_websocket_refuses_bad_token_and_foreign_origin() -> None:
         with pytest.raises(HTTPClientError) as err:
             await gw.ws("00000000-0000-0000-0000-000000000000")
         assert err.value.code == 404
+
+
+async def test_input_request_goes_to_the_asking_client_only() -> None:
+    """ipykernel's input() reaches only the client that ran the cell (stdin channel), and its input_reply is answered."""
+    async with gateway(default_kernel_name="python3") as gw:
+        kid = await gw.new_kernel("python3")
+        asker = await gw.ws(kid, session_id="asker")
+        other = await gw.ws(kid, session_id="other")
+        await peers(gw, kid, 2)
+        req = request("execute_request", {"code": "print('hello', input('name? '))",
+                                          "silent": False, "allow_stdin": True},
+                      session="asker")
+        await asker.write_message(json.dumps(req))
+        prompt = (await until(asker, lambda m: m["msg_type"] == "input_request"))[-1]
+        assert prompt["channel"] == "stdin" and prompt["content"]["prompt"] == "name? "
+        answer = request("input_reply", {"value": "gateway"}, session="asker", channel="stdin")
+        answer["parent_header"] = prompt["header"]
+        await asker.write_message(json.dumps(answer))
+        seen = await until(asker, lambda m: m["msg_type"] == "stream")
+        assert seen[-1]["content"]["text"] == "hello gateway\n"
+        others = await until(other, lambda m: m["msg_type"] == "status"
+                             and m["parent_header"].get("msg_id") == req["header"]["msg_id"]
+                             and m["content"]["execution_state"] == "idle")
+        assert not [m for m in others if m["channel"] != "iopub"]
+        await close_all(asker, other)
+
+
+async def test_client_vanishing_mid_frame_harms_nobody() -> None:
+    """A client that sends half a WebSocket frame and drops the TCP connection is forgotten; another client keeps working."""
+    async with gateway() as gw:
+        kid = await gw.new_kernel()
+        good = await gw.ws(kid)
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+        writer.write((f"GET /api/kernels/{kid}/channels HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                      f"Sec-WebSocket-Version: 13\r\nAuthorization: token {TOKEN}\r\n\r\n"
+                      ).encode())
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), 10)
+        assert b"101" in status
+        await peers(gw, kid, 2)
+        # A masked text frame announcing 1000 bytes, with only 10 of them sent.
+        writer.write(bytes([0x81, 0x80 | 126]) + (1000).to_bytes(2, "big") + b"mask" + b"x" * 10)
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        await peers(gw, kid, 1)
+        _, seen = await execute(good, "print('unharmed')")
+        assert stdout_of(seen) == "unharmed\n"
+        await close_all(good)
