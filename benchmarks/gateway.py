@@ -297,6 +297,14 @@ async def gateways(kernel: str, prespawn: int, out: Path) -> AsyncIterator[list[
             await gw.stop()
 
 
+async def sample(into: dict[str, Any], row: str, work: Any) -> None:
+    """Record one timed sample, or its failure (counted beside the row, never hidden)."""
+    try:
+        into.setdefault(row, []).append(await work)
+    except Exception as exc:
+        into.setdefault(f"{row}_failed", []).append(f"{type(exc).__name__}: {exc}")
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
     samples: dict[str, dict[str, Any]] = {c: {} for c in (*CONTENDERS, "direct_zmq")}
@@ -305,7 +313,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             await create_first_output(gw)
         for _ in range(args.runs):
             for gw in gws:
-                samples[gw.kind].setdefault("cold", []).append(await create_first_output(gw))
+                await sample(samples[gw.kind], "cold", create_first_output(gw))
         for gw in gws:
             samples[gw.kind]["round_trips"] = await round_trips(gw, args.round_trips)
             samples[gw.kind]["iopub"] = await iopub(gw, args.lines)
@@ -317,7 +325,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.runs):
             for gw in gws:
                 await gw.pool_full()
-                samples[gw.kind].setdefault("warm", []).append(await create_first_output(gw))
+                await sample(samples[gw.kind], "warm", create_first_output(gw))
     return samples
 
 
@@ -325,11 +333,15 @@ def table(samples: dict[str, Any], args: argparse.Namespace) -> str:
     def ms(v: float) -> str:
         return f"{v * 1000:.1f} ms" if v < 1 else f"{v:.2f} s"
     ours, kg, direct = samples["ours"], samples["kernel_gateway"], samples["direct_zmq"]
+
+    def med(c: dict[str, Any], row: str) -> str:
+        failed = len(c.get(f"{row}_failed", []))
+        text = ms(statistics.median(c[row])) if c.get(row) else "-"
+        return f"{text} ({failed} of {failed + len(c.get(row, []))} failed)" if failed else text
     rows = [
-        ("create + first output, cold (median)", ms(statistics.median(ours["cold"])),
-         ms(statistics.median(kg["cold"])), ""),
+        ("create + first output, cold (median)", med(ours, "cold"), med(kg, "cold"), ""),
         (f"create + first output, warm pool of {args.prespawn} (median)",
-         ms(statistics.median(ours["warm"])), ms(statistics.median(kg["warm"])), ""),
+         med(ours, "warm"), med(kg, "warm"), ""),
         ("WebSocket execute round trip p50", ms(pct(ours["round_trips"], 0.5)),
          ms(pct(kg["round_trips"], 0.5)), ms(pct(direct["round_trips"], 0.5))),
         ("WebSocket execute round trip p99", ms(pct(ours["round_trips"], 0.99)),

@@ -335,3 +335,28 @@ async def test_client_vanishing_mid_frame_harms_nobody() -> None:
         _, seen = await execute(good, "print('unharmed')")
         assert stdout_of(seen) == "unharmed\n"
         await close_all(good)
+
+
+async def test_client_that_never_reads_is_closed_when_even_replies_pile_up() -> None:
+    """Once a stalled client's must-deliver messages pass twice its budget the gateway closes it (1013); the kernel and the other client go on."""
+    budget = 8 * 1024
+    async with gateway(client_buffer=budget) as gw:
+        kid = await gw.new_kernel()
+        stalled = await gw.ws(kid, session_id="stalled")
+        worker = await gw.ws(kid, session_id="worker")
+        await peers(gw, kid, 2)
+        bridge = gw.server.app.gateway.bridges[kid]  # type: ignore[union-attr]
+        stalled_peer = next(p for p in bridge.peers.values() if p.session_id == "stalled")
+        # Fill the stalled client's TCP buffers with output it never reads...
+        await execute(worker, "for i in range(250):\n    print(str(i).rjust(50000, '.'))",
+                      session="worker")
+        # ...then keep the kernel busy: every cell's status and input messages must be kept.
+        while not stalled_peer.closed:
+            await execute(worker, "pass", session="worker")
+        await peers(gw, kid, 1)
+        assert gw.server.app.gateway.metrics.value("ws_closed", reason="slow_client") == 1  # type: ignore[union-attr]
+        _, seen = await execute(worker, "print('still here')", session="worker")
+        assert stdout_of(seen) == "still here\n"
+        while await stalled.read_message() is not None:  # what was sent, then the end
+            pass
+        await close_all(worker, stalled)
