@@ -54,7 +54,8 @@ MODES: dict[str, dict[str, Any]] = {
     "full": {"runs": 10, "warmup": 1, "idle_window": 10.0,
              "runs_by_scenario": {"concurrent:20": 5, "idle:10": 3, "idle:50": 1}},
 }
-SCENARIO_TIMEOUT = {"lifecycle": 180.0, "blocking": 150.0, "crash": 150.0, "warm": 240.0}
+SCENARIO_TIMEOUT = {"lifecycle": 180.0, "blocking": 150.0, "crash": 150.0, "warm": 240.0,
+                    "containment": 180.0}
 CRASH_PAUSE_MAX = 3.0  # jupyter_client's KernelRestarter polls every 3 s
 
 

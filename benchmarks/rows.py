@@ -102,6 +102,13 @@ ROWS: tuple[Row, ...] = (
         note="As concurrent_1"),
     Row("concurrent_20", "20 concurrent starts -> all ready", "s", "concurrent:20",
         full_only=True, note="As concurrent_1"),
+    Row("start_contained", "start -> ready, containment on (the default)", "s", "containment",
+        note="Ours only: AsyncKernelManager start + client wait_for_ready, as the `start` row, "
+             "alternating in one sample with the next row (which goes first flips each "
+             "sample); on: a cgroup per kernel where the machine allows one, else the "
+             "session + environment marker"),
+    Row("start_uncontained", "start -> ready, contain='off'", "s", "containment",
+        note="Ours only: the same start with containment off (process group only)"),
     Row("acquire", "warm-pool acquire() -> kernel id", "s", "warm",
         note="Ours only: a pool of 2, full before the clock starts"),
     Row("acquire_ready", "warm-pool acquire() -> client wait_for_ready", "s", "warm",
@@ -329,6 +336,9 @@ class Floor:
     async def warm(self, rec: Recorder, s: Settings) -> None:
         raise NotApplicable("n/a (a floor has no pool)")
 
+    async def containment(self, rec: Recorder, s: Settings) -> None:
+        raise NotApplicable("n/a (a floor contains nothing)")
+
     async def idle(self, rec: Recorder, s: Settings, k: int) -> None:
         probe = _Idle()
         kernels: list[FloorKernel] = []
@@ -446,6 +456,19 @@ class Ours(_ManagedContender):
             with contextlib.suppress(Exception):
                 if km.has_kernel:
                     km.shutdown_kernel(now=True)
+
+    async def containment(self, rec: Recorder, s: Settings) -> None:
+        """One start with containment on and one with it off, the order flipping each sample."""
+        self._flip = not getattr(self, "_flip", False)
+        order = [("start_contained", "auto"), ("start_uncontained", "off")]
+        for row, contain in (order if self._flip else order[::-1]):
+            rec.step = row
+            h, t = await self.start(
+                lambda c=contain: self.manager.AsyncKernelManager(self.kernel, contain=c))
+            try:
+                rec.put(row, t)
+            finally:
+                await self.dispose(h)
 
     async def _events(self, sup: Any) -> asyncio.Queue[tuple[float, Any]]:
         q: asyncio.Queue[tuple[float, Any]] = asyncio.Queue()
@@ -634,6 +657,9 @@ class JupyterClient(_ManagedContender):
     async def warm(self, rec: Recorder, s: Settings) -> None:
         raise NotApplicable("no warm pool")
 
+    async def containment(self, rec: Recorder, s: Settings) -> None:
+        raise NotApplicable("no containment switch")
+
     async def idle(self, rec: Recorder, s: Settings, k: int) -> None:
         probe = _Idle()
         mkm = self.AsyncMultiKernelManager()
@@ -726,6 +752,11 @@ def run_scenario(scenario: str, c: Contender, rec: Recorder, s: Settings,
 
         def factory() -> Awaitable[None]:
             return c.crash(rec, s)
+    elif name == "containment":
+        rec.step = "start_contained"
+
+        def factory() -> Awaitable[None]:
+            return c.containment(rec, s)
     elif name == "warm":
         rec.step = "acquire"
 

@@ -29,6 +29,7 @@ from supervisor.errors import (
 from supervisor.events import KernelEvent
 from supervisor.kernel import KernelActor, LaunchOptions
 from supervisor.kernelspec import KernelSpec, find_kernel_specs, get_all_specs, get_kernel_spec
+from supervisor.launchers import ExitStatus, LocalLauncher, Resources
 from supervisor.manager import (
     AsyncKernelManager,
     KernelManager,
@@ -51,6 +52,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectionFileError",
     "ConnectionInfo",
+    "ExitStatus",
     "FakeClock",
     "FrameError",
     "KernelActor",
@@ -67,9 +69,11 @@ __all__ = [
     "KernelStartupError",
     "KernelStateError",
     "LaunchOptions",
+    "LocalLauncher",
     "Message",
     "NoSuchKernel",
     "ReplayError",
+    "Resources",
     "RestartLimitExceeded",
     "RestartPolicy",
     "Session",

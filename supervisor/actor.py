@@ -14,6 +14,15 @@ the order they arrived.
 * Stopping runs ``on_stop`` and then answers every message still in the
   mailbox with :class:`~supervisor.errors.KernelClosedError`, so no caller
   hangs; asks made after the stop fail the same way at once.
+* :meth:`Actor.call` runs a coroutine on the actor's loop from any loop or
+  thread: in place on its own loop, through ``run_coroutine_threadsafe`` when
+  that loop runs in another thread. An actor whose loop is closed (or whose
+  task was cancelled with it) is dead, and one whose loop is not running
+  cannot be reached: ``call`` says so at once with a typed error instead of
+  waiting on a loop that may never run again. :meth:`Actor.abandon` is the
+  way out for such an actor: it releases what the actor holds (its
+  ``on_abandon`` hook: a kernel actor kills its process group and removes its
+  files) from the calling thread, without the loop.
 
 The module also owns the process-wide *background loop*: one daemon thread
 running a Tornado IOLoop, on which the blocking faces (``KernelManager``,
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import os
 import threading
@@ -37,9 +47,9 @@ from tornado.ioloop import IOLoop
 from tornado.queues import Queue
 
 from supervisor._log import get_logger
-from supervisor.errors import KernelClosedError, KernelStateError
+from supervisor.errors import KernelClosedError, KernelDeadError, KernelStateError
 
-__all__ = ["Actor", "Stop", "background_loop", "run_blocking"]
+__all__ = ["Actor", "Stop", "background_loop", "run_blocking", "settle_loop"]
 
 T = TypeVar("T")
 
@@ -96,8 +106,84 @@ class Actor:
 
     @property
     def alive(self) -> bool:
-        """True while the actor accepts messages."""
-        return self._state == "running"
+        """True while the actor accepts messages (its loop open, its task not ended)."""
+        return self._state == "running" and self._loop_dead() is None
+
+    def _loop_dead(self) -> str | None:
+        """Why the actor can never take a message again, or None."""
+        if self._loop is None:
+            return None
+        if self._loop.asyncio_loop.is_closed():  # type: ignore[attr-defined]
+            return "the loop it started on is closed"
+        if self._runner is not None and self._runner.done() and self._state == "running":
+            return "its task ended with the loop it started on (cancelled)"
+        return None
+
+    def unreachable(self) -> str | None:
+        """Why a caller here (this thread, this loop) cannot reach the actor now, or None.
+
+        Reachable: the caller runs on the actor's loop, or that loop is running
+        (in another thread). Not: the loop is closed, the actor's task was
+        cancelled with it, or the loop is not running.
+        """
+        dead = self._loop_dead()
+        if dead is not None or self._loop is None:
+            return dead
+        loop = self._loop.asyncio_loop  # type: ignore[attr-defined]
+        if _running_loop() is loop or loop.is_running():
+            return None
+        return "the loop it started on is not running"
+
+    async def call(self, factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run ``factory()`` on the actor's loop and return its result, from any loop.
+
+        Raises :class:`KernelDeadError` at once when the actor's loop is closed
+        (or its task was cancelled with it), :class:`KernelStateError` when that
+        loop is not running, rather than wait for a loop that may never run.
+        """
+        if self._loop is None:  # never started: the ask inside says so
+            return await factory()
+        loop = self._loop.asyncio_loop  # type: ignore[attr-defined]
+        if _running_loop() is loop:
+            return await factory()
+        why = self.unreachable()
+        if why is not None:
+            if self._loop_dead() is not None:
+                raise KernelDeadError(f"{self.name} is dead: {why}")
+            raise KernelStateError(
+                f"{self.name} cannot be reached: {why}; call it from that loop, or run it")
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(factory(), loop))
+
+    def abandon(self, reason: str) -> None:
+        """Stop an actor whose loop is closed or not running, from the calling thread.
+
+        Runs :meth:`on_abandon` (release OS resources without the loop), marks
+        the actor stopped, cancels its tasks and, if the loop is still open, runs
+        it briefly so that they finish (no "Task was destroyed but it is
+        pending" later). Never call it while the actor's loop is running.
+        """
+        if self._state in ("new", "stopped"):
+            return
+        self._state = "stopped"
+        self._stop_reason = reason
+        try:
+            self.on_abandon()
+        except Exception as exc:
+            log.error("actor.abandon_failed", actor=self.name, exc_info=exc)
+        tasks = [t for t in (self._runner, *self._tasks) if t is not None and not t.done()]
+        with contextlib.suppress(RuntimeError):  # a closed loop cannot schedule callbacks
+            for task in tasks:
+                task.cancel()
+            while not self._mailbox.empty():
+                envelope = self._mailbox.get_nowait()
+                if envelope.future is not None and not envelope.future.done():
+                    envelope.future.set_exception(self._dead_error(envelope.msg))
+            self._done.set()
+        if self._loop is not None:
+            settle_loop(self._loop.asyncio_loop)  # type: ignore[attr-defined]
+
+    def on_abandon(self) -> None:
+        """Release what the actor holds without its loop (see :meth:`abandon`)."""
 
     def start(self) -> None:
         """Bind to the current IOLoop and start taking messages."""
@@ -114,7 +200,10 @@ class Actor:
 
     async def join(self) -> None:
         """Wait until the actor has stopped."""
-        if self._state == "new":
+        if self._state in ("new", "stopped") or self._loop_dead() is not None:
+            return
+        if _running_loop() is not self.loop.asyncio_loop:  # type: ignore[attr-defined]
+            await self.call(self.join)
             return
         await self._done.wait()
 
@@ -162,7 +251,7 @@ class Actor:
     def ask(self, msg: object) -> asyncio.Future[Any]:
         """Queue ``msg`` and return a future for the handler's answer."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if self._state != "running":
+        if not self.alive:
             future.set_exception(self._dead_error(msg))
             return future
         self._mailbox.put_nowait(_Envelope(msg, future))
@@ -170,12 +259,22 @@ class Actor:
         return future
 
     def tell_threadsafe(self, msg: object) -> None:
-        """Queue ``msg`` from any thread (through ``IOLoop.add_callback``)."""
+        """Queue ``msg`` from any thread (through ``IOLoop.add_callback``); dropped if the
+        actor's loop is closed."""
+        if self._loop_dead() is not None:
+            log.debug("actor.dropped", actor=self.name, msg=type(msg).__name__,
+                      reason=self._loop_dead())
+            return
         self.loop.add_callback(self.tell, msg)
 
     def ask_threadsafe(self, msg: object) -> concurrent.futures.Future[Any]:
-        """Ask from any thread; returns a :class:`concurrent.futures.Future`."""
+        """Ask from any thread; returns a :class:`concurrent.futures.Future` (failed at once
+        with :class:`KernelDeadError` if the actor's loop is closed)."""
         result: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        dead = self._loop_dead()
+        if dead is not None:
+            result.set_exception(KernelDeadError(f"{self.name} is dead: {dead}"))
+            return result
 
         def _on_loop() -> None:
             inner = self.ask(msg)
@@ -202,7 +301,7 @@ class Actor:
             return KernelClosedError(
                 f"{self.name} was never started: call its start() (or use it as "
                 f"'async with ...') before asking it anything ({what})")
-        reason = self._stop_reason or "it is not running"
+        reason = self._stop_reason or self._loop_dead() or "it is not running"
         return KernelClosedError(f"{self.name} cannot take {what}: {reason}")
 
     async def _run(self) -> None:
@@ -250,6 +349,42 @@ class Actor:
                 if envelope.future is not None and not envelope.future.done():
                     envelope.future.set_exception(self._dead_error(envelope.msg))
             self._done.set()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def settle_loop(loop: asyncio.AbstractEventLoop, timeout: float = 1.0) -> None:
+    """Let the cancelled tasks of an open loop that is not running finish.
+
+    Runs ``loop`` until they are done (at most ``timeout``): in place when no
+    loop runs in this thread, else on a short-lived helper thread (asyncio runs
+    one loop per thread). Does nothing for a closed or running loop.
+    """
+    if loop.is_closed() or loop.is_running():
+        return
+    cancelling = [t for t in asyncio.all_tasks(loop)
+                  if not t.done() and getattr(t, "cancelling", lambda: 1)()]
+    if not cancelling:
+        return
+
+    async def finish() -> None:
+        await asyncio.wait(cancelling, timeout=timeout)
+
+    def run() -> None:
+        with contextlib.suppress(RuntimeError):  # started running elsewhere meanwhile
+            loop.run_until_complete(finish())
+
+    if _running_loop() is None:
+        run()
+        return
+    helper = threading.Thread(target=run, name="kernel-supervisor-settle", daemon=True)
+    helper.start()
+    helper.join(timeout + 1.0)
 
 
 # -- the background loop ------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any
 from supervisor.actor import Actor
 from supervisor.connection import ConnectionInfo
 from supervisor.kernel import ChildExited, KernelActor, LaunchOptions
+from supervisor.launchers import Resources
 from supervisor.policy import RestartHistory, RestartPolicy
 
 __all__ = [
@@ -39,6 +40,7 @@ class SupervisorStatistics:
     pool: Mapping[str, int]
     pool_target: Mapping[str, int]
     events: int
+    resources: Mapping[str, Resources] = field(default_factory=dict)
 
 
 # -- internal messages ------------------------------------------------------------

@@ -44,7 +44,10 @@ class KernelEvent:
     """One thing that happened to a kernel (or to a nested supervisor).
 
     ``manual`` tells a restart or shutdown you asked for from one the
-    supervisor decided; ``at`` is the supervisor's clock (monotonic seconds).
+    supervisor decided; ``cause`` is the launcher's word on a death ("out of
+    memory (limit 300 MiB, peak 300 MiB)", "killed by the supervisor
+    (culled)"), ``oom`` True when memory ended it; ``at`` is the supervisor's
+    clock (monotonic seconds).
     """
 
     kind: str
@@ -54,6 +57,8 @@ class KernelEvent:
     exit_code: int | None = None
     signal: int | None = None
     reason: str = ""
+    cause: str = ""
+    oom: bool = False
     restart_count: int = 0
     delay: float | None = None
     manual: bool = False

@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import os
 import signal as _signal
+import subprocess
 import time
 import uuid
 import weakref
@@ -59,12 +60,22 @@ from supervisor.connection import (
 )
 from supervisor.errors import (
     ConfigurationError,
+    KernelSpecError,
     KernelStartupError,
     KernelStateError,
     WireError,
 )
 from supervisor.kernelspec import KernelSpec, expand_env, format_kernel_cmd, get_kernel_spec
-from supervisor.process import ExitStatus, KernelProcess
+from supervisor.launchers import (
+    CONTAIN_MODES,
+    ExitStatus,
+    Launcher,
+    LaunchRequest,
+    Limits,
+    LocalLauncher,
+    ProcessHandle,
+    Resources,
+)
 from supervisor.wire import Message, Session
 
 __all__ = [
@@ -96,11 +107,14 @@ def _kill_leftovers_at_exit() -> None:
     """
     for actor in list(_live):
         proc = actor.process
+        if actor.options.independent:
+            continue  # asked to outlive us
         if proc is not None and proc.running:
-            proc.kill()
+            proc.kill_tree()
         if actor.state != "shutdown":
             remove_connection_files(actor.connection_file, actor.connection_info)
 _ENCRYPTION_MODES = ("disabled", "auto", "required")
+_default_launcher = LocalLauncher()
 
 
 # -- messages -------------------------------------------------------------------
@@ -132,10 +146,14 @@ class Signal:
 
 @dataclass(frozen=True)
 class Shutdown:
-    """Stop the kernel: graceful unless ``now``; keep files when ``restart``."""
+    """Stop the kernel: graceful unless ``now``; keep files when ``restart``.
+
+    ``cause`` names why, in the words the exit will carry ("culled").
+    """
 
     now: bool = False
     restart: bool = False
+    cause: str = ""
 
 
 @dataclass(frozen=True)
@@ -156,7 +174,7 @@ class FinishShutdown:
 class ProcessExited:
     """Internal: the process watch saw ``process`` exit."""
 
-    process: KernelProcess
+    process: ProcessHandle
     status: ExitStatus
 
 
@@ -189,8 +207,18 @@ class LaunchOptions:
     transport_encryption: str = "disabled"
     port_retries: int = 3
     forward_stderr: bool = True
+    contain: str = "auto"
+    memory_limit: str | int | None = None
+    cpu_limit: float | str | None = None
+    launcher: Launcher | None = None
+    inherit_env: bool = True
+    stdout: int | None = None
+    stderr: int | None = None
+    independent: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("stdout", "stderr"):
+            object.__setattr__(self, name, _stream_target(name, getattr(self, name)))
         for name in ("startup_timeout", "shutdown_wait", "exit_grace", "terminate_wait"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -200,6 +228,10 @@ class LaunchOptions:
                 f"transport_encryption must be one of {_ENCRYPTION_MODES}, "
                 f"not {self.transport_encryption!r}"
             )
+        if self.contain not in CONTAIN_MODES:
+            raise ConfigurationError(f"contain must be one of {CONTAIN_MODES}, not "
+                                     f"{self.contain!r}")
+        Limits.parse(self.memory_limit, self.cpu_limit)  # a bad value fails here, named
         if self.transport not in ("tcp", "ipc"):
             raise ConfigurationError(f"transport must be 'tcp' or 'ipc', not {self.transport!r}")
         raw: tuple[object, object] = (self.extra_arguments, self.kernel_cmd)
@@ -224,6 +256,47 @@ class LaunchOptions:
     def resolve_spec(self) -> KernelSpec:
         """The kernelspec to launch (looked up by name unless given)."""
         return self.spec if self.spec is not None else get_kernel_spec(self.kernel_name)
+
+    def containment(self, spec: KernelSpec) -> tuple[str, Limits]:
+        """(contain mode, limits): these options, else the kernelspec's ``metadata``.
+
+        ``metadata`` may hold ``memory_limit`` ("2G"), ``cpu_limit`` (CPUs) and
+        ``contain``; a bad value there is a :class:`KernelSpecError`.
+        """
+        meta = spec.metadata
+        contain = self.contain
+        if contain == "auto" and meta.get("contain") is not None:
+            contain = meta["contain"]
+            if contain not in CONTAIN_MODES:
+                raise KernelSpecError(f"kernelspec {spec.name!r}: metadata.contain must be "
+                                      f"one of {CONTAIN_MODES}, not {contain!r}",
+                                      field="metadata.contain")
+        memory = self.memory_limit if self.memory_limit is not None else meta.get("memory_limit")
+        cpu = self.cpu_limit if self.cpu_limit is not None else meta.get("cpu_limit")
+        try:
+            return contain, Limits.parse(memory, cpu)
+        except ConfigurationError as exc:
+            raise KernelSpecError(f"kernelspec {spec.name!r}: {exc}",
+                                  field="metadata") from None
+
+
+def _stream_target(name: str, value: object) -> int | None:
+    """Validate a ``stdout``/``stderr`` launch option: None, a subprocess constant, an fd
+    or an object with ``fileno()`` (turned into its fd)."""
+    if value is None:
+        return None
+    fileno = getattr(value, "fileno", None)
+    if callable(fileno):
+        value = fileno()
+    allowed = (subprocess.PIPE, subprocess.DEVNULL) + (
+        (subprocess.STDOUT,) if name == "stderr" else ())
+    if isinstance(value, bool) or not isinstance(value, int) or (value < 0
+                                                                and value not in allowed):
+        raise ConfigurationError(
+            f"{name} must be None, subprocess.PIPE, subprocess.DEVNULL"
+            f"{', subprocess.STDOUT' if name == 'stderr' else ''}, a file descriptor "
+            f"or a file, not {value!r}")
+    return value
 
 
 class _StartCancelled(Exception):
@@ -271,7 +344,8 @@ class KernelActor(Actor):
         self.dropped = 0
         self._restart_requested = False
         self._ctx = context or zmq.asyncio.Context.instance()
-        self._proc: KernelProcess | None = None
+        self._proc: ProcessHandle | None = None
+        self.last_exit: ExitStatus | None = None
         self._session: Session | None = None
         self._control: zmq.asyncio.Socket | None = None
         self._iopub: zmq.asyncio.Socket | None = None
@@ -292,9 +366,13 @@ class KernelActor(Actor):
         return self._proc.pid if self._proc is not None else None
 
     @property
-    def process(self) -> KernelProcess | None:
+    def process(self) -> ProcessHandle | None:
         """The current kernel process, if any."""
         return self._proc
+
+    def resources(self) -> Resources | None:
+        """What the kernel's process tree uses now (None before the first launch)."""
+        return self._proc.resources() if self._proc is not None else None
 
     @property
     def spec(self) -> KernelSpec | None:
@@ -321,11 +399,25 @@ class KernelActor(Actor):
     async def on_stop(self) -> None:
         """Whatever the reason, nothing outlives the actor."""
         if self._proc is not None and self._proc.running:
-            await self._shutdown(now=True, restart=False)
+            await self._shutdown(now=True, restart=False, cause="the supervisor stopped")
         else:
+            if self._proc is not None:
+                await self._proc.cleanup()
             self._teardown(keep_file=False)
         if self.state != "exited":
             self.state = "shutdown"
+
+    def on_abandon(self) -> None:
+        """Our loop is gone: kill the process tree, close sockets, remove the files."""
+        if self._proc is not None:
+            self._proc.abandon()
+        with contextlib.suppress(RuntimeError):  # a task of a closed loop
+            self._close_sockets()
+        remove_connection_files(self.connection_file, self.connection_info)
+        self.execution_state = "dead"
+        if self.state != "exited":
+            self.state = "shutdown"
+        self._log.debug("actor.abandoned", reason=self._stop_reason)
 
     async def receive(self, msg: object) -> Any:
         if isinstance(msg, Start):
@@ -340,7 +432,7 @@ class KernelActor(Actor):
                 self._pending_kills -= 1
                 if not self._pending_kills:
                     self._hurry.clear()
-            return await self._shutdown(now=msg.now, restart=msg.restart)
+            return await self._shutdown(now=msg.now, restart=msg.restart, cause=msg.cause)
         if isinstance(msg, RequestShutdown):
             return await self._request_shutdown(msg.restart)
         if isinstance(msg, FinishShutdown):
@@ -350,7 +442,7 @@ class KernelActor(Actor):
         if isinstance(msg, Signal):
             return self._signal(msg.signum)
         if isinstance(msg, ProcessExited):
-            return self._process_exited(msg)
+            return await self._process_exited(msg)
         raise KernelStateError(f"{self.name} does not understand {type(msg).__name__}")
 
     # -- start -------------------------------------------------------------------
@@ -419,21 +511,36 @@ class KernelActor(Actor):
         else:
             argv = [a.replace("{connection_file}", str(self.connection_file)) for a in argv]
             argv += list(opts.extra_arguments)
-        env = dict(os.environ)
-        env.update(expand_env(spec.env, env))
-        env.update(opts.env)
-        # ipykernel (and others) watch this pid and leave if it goes; a second
-        # guard beside the reaper, and it quiets ipykernel's stand-alone banner.
-        env["JPY_PARENT_PID"] = str(os.getpid())
+        if opts.inherit_env:
+            env = dict(os.environ)
+            env.update(expand_env(spec.env, env))
+            env.update(opts.env)
+        else:  # jupyter_client's env=: the whole environment, the kernelspec's on top
+            env = dict(opts.env)
+            env.update(expand_env(spec.env, env))
+        if not opts.independent:
+            # ipykernel (and others) watch this pid and leave if it goes; a second
+            # guard beside the reaper, and it quiets ipykernel's stand-alone banner.
+            env["JPY_PARENT_PID"] = str(os.getpid())
         t0 = time.monotonic()
-        launched: list[KernelProcess] = []  # the exit callback fires on a later loop turn
+        launched: list[ProcessHandle] = []  # the exit callback fires on a later loop turn
         try:
-            proc = KernelProcess.launch(
-                argv, env=env, cwd=opts.cwd, forward_stderr=opts.forward_stderr,
-                on_exit=lambda status: self.tell(ProcessExited(launched[0], status)),
+            contain, limits = opts.containment(spec)
+            request = LaunchRequest(
+                argv=argv, env=env, cwd=opts.cwd,
+                forward_stderr=opts.forward_stderr and opts.stderr is None,
+                capture_stderr=opts.stderr in (None, subprocess.PIPE),
+                stderr=None if opts.stderr in (None, subprocess.PIPE) else opts.stderr,
+                # nobody could read a pipe we made for stdout: PIPE means "not inherited"
+                stdout=subprocess.DEVNULL if opts.stdout == subprocess.PIPE else opts.stdout,
+                independent=opts.independent,
                 owned_files=[str(p) for p in (self.connection_file, *ipc_paths(info))],
+                contain=contain, limits=limits, label=self.kernel_id,
             )
-        except KernelStartupError:
+            launcher = opts.launcher or _default_launcher
+            proc = launcher.launch(
+                request, lambda status: self.tell(ProcessExited(launched[0], status)))
+        except (KernelStartupError, KernelSpecError):
             self._teardown(keep_file=False)
             raise
         launched.append(proc)
@@ -455,7 +562,7 @@ class KernelActor(Actor):
         self._log.debug("actor.ready", seconds=round(self.started_at - t0, 4))
         return self.kernel_info
 
-    async def _wait_ready(self, proc: KernelProcess, info: ConnectionInfo, timeout: float) -> None:
+    async def _wait_ready(self, proc: ProcessHandle, info: ConnectionInfo, timeout: float) -> None:
         """Race readiness against the process exiting, a cancel, and the timeout."""
         self._open_sockets(info)
         shell = connect_channel(self._ctx, info, "shell")
@@ -475,7 +582,8 @@ class KernelActor(Actor):
             if ready in done and ready.exception() is None:
                 return
             if exited in done or not proc.running:
-                status = proc.exited.result()
+                status = await proc.cleanup()
+                self.last_exit = status
                 tail = proc.stderr_tail()
                 if _PORT_CLASH in tail:
                     raise _PortClash()
@@ -535,7 +643,7 @@ class KernelActor(Actor):
         self._iopub_seen.clear()
         self._control = connect_channel(self._ctx, info, "control")
         self._iopub = connect_channel(self._ctx, info, "iopub")
-        self._iopub_task = asyncio.ensure_future(self._watch_iopub(self._iopub))
+        self._iopub_task = self.spawn(self._watch_iopub(self._iopub))
 
     async def _watch_iopub(self, sock: zmq.asyncio.Socket) -> None:
         """Track readiness proof, execution_state and last_activity."""
@@ -561,11 +669,12 @@ class KernelActor(Actor):
         self._control = self._iopub = None
 
     # -- shutdown ----------------------------------------------------------------
-    async def _shutdown(self, *, now: bool, restart: bool) -> None:
+    async def _shutdown(self, *, now: bool, restart: bool, cause: str = "") -> None:
         proc = self._proc
+        label = cause or ("restart" if restart else "shut down")
         if proc is None or not proc.running:
             if proc is not None:
-                proc.release_group()
+                await proc.cleanup(f"shut down by the supervisor ({label})")
             self._teardown(keep_file=restart)
             if not restart:
                 self.state = "shutdown"
@@ -576,9 +685,9 @@ class KernelActor(Actor):
         if not now:
             how = await self._graceful(proc, restart)
         else:
-            proc.kill()
-        status = await proc.wait()
-        proc.release_group()
+            proc.kill_tree()
+        done = "shut down" if how == "shutdown_request" else f"killed ({how})"
+        status = self.last_exit = await proc.cleanup(f"{done} by the supervisor ({label})")
         self._teardown(keep_file=restart)
         self.execution_state = "dead"
         if not restart:
@@ -588,7 +697,7 @@ class KernelActor(Actor):
             seconds=round(time.monotonic() - t0, 4), restart=restart,
         )
 
-    async def _graceful(self, proc: KernelProcess, restart: bool) -> str:
+    async def _graceful(self, proc: ProcessHandle, restart: bool) -> str:
         """shutdown_request, then SIGTERM, then SIGKILL; returns which one ended it.
 
         A kernel that acknowledged the request (``shutdown_reply``) but is still
@@ -614,13 +723,13 @@ class KernelActor(Actor):
                     return "shutdown_request"
                 self._log.warning("kernel.stuck_after_shutdown_reply", grace=opts.exit_grace)
         if not self._hurry.is_set():
-            proc.signal_group(_signal.SIGTERM)
+            proc.signal_tree(_signal.SIGTERM)
             if await self._wait_exit(proc, opts.terminate_wait) is not None:
                 return "SIGTERM"
-        proc.kill()
+        proc.kill_tree()
         return "SIGKILL"
 
-    async def _wait_exit(self, proc: KernelProcess, timeout: float) -> ExitStatus | None:
+    async def _wait_exit(self, proc: ProcessHandle, timeout: float) -> ExitStatus | None:
         """Wait for the exit up to ``timeout``; None if it did not come or we must hurry."""
         waits: list[asyncio.Future[Any]] = [
             asyncio.ensure_future(asyncio.shield(proc.exited)),
@@ -648,20 +757,20 @@ class KernelActor(Actor):
         if proc is not None and proc.running:
             wait = self.options.shutdown_wait if waittime is None else waittime
             if await proc.wait(wait) is None:
-                proc.signal_group(_signal.SIGTERM)
+                proc.signal_tree(_signal.SIGTERM)
                 if await proc.wait(self.options.terminate_wait) is None:
-                    proc.kill()
+                    proc.kill_tree()
             await proc.wait()
         if proc is not None:
-            proc.release_group()
+            label = "restart" if restart else "shut down"
+            self.last_exit = await proc.cleanup(f"shut down by the supervisor ({label})")
         self._teardown(keep_file=restart)
         self.execution_state = "dead"
         self.state = "restarting" if restart else "shutdown"
 
-    async def _kill_and_reap(self, proc: KernelProcess) -> None:
-        proc.kill()
-        await proc.wait()
-        proc.release_group()
+    async def _kill_and_reap(self, proc: ProcessHandle) -> None:
+        proc.kill_tree()
+        await proc.cleanup("killed by the supervisor (start failed)")
 
     def _teardown(self, *, keep_file: bool) -> None:
         self._close_sockets()
@@ -681,10 +790,12 @@ class KernelActor(Actor):
         return await self._start()
 
     # -- interrupt and signals -----------------------------------------------------
-    def _running_process(self, what: str) -> KernelProcess:
+    def _running_process(self, what: str) -> ProcessHandle:
         proc = self._proc
         if proc is None or not proc.running or self.state not in ("running",):
-            raise KernelStateError(f"cannot {what} kernel {self.kernel_id}: it is {self.state}")
+            last = f" ({self.last_exit.describe()})" if self.last_exit is not None else ""
+            raise KernelStateError(
+                f"cannot {what} kernel {self.kernel_id}: it is {self.state}{last}")
         return proc
 
     async def _interrupt(self) -> None:
@@ -711,7 +822,7 @@ class KernelActor(Actor):
                 return msg
 
     async def _race_exit(
-        self, proc: KernelProcess, work: Awaitable[Message], timeout: float
+        self, proc: ProcessHandle, work: Awaitable[Message], timeout: float
     ) -> Message | None:
         task: asyncio.Future[Any] = asyncio.ensure_future(work)
         exited: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(proc.exited))
@@ -735,15 +846,15 @@ class KernelActor(Actor):
         self._log.debug("actor.signalled", signum=signum)
 
     # -- exits -------------------------------------------------------------------
-    def _process_exited(self, msg: ProcessExited) -> None:
+    async def _process_exited(self, msg: ProcessExited) -> None:
         if msg.process is not self._proc or self.state != "running":
             return  # a shutdown or a start already dealt with it
         uptime = time.monotonic() - (self.started_at or time.monotonic())
         self.state = "exited"
         self.execution_state = "dead"
-        msg.process.release_group()
+        status = self.last_exit = await msg.process.cleanup()
         self._close_sockets()
         msg.process.close()
-        self._log.debug("actor.exited", status=msg.status.describe(), uptime=round(uptime, 3))
+        self._log.debug("actor.exited", status=status.describe(), uptime=round(uptime, 3))
         if self.parent is not None:
-            self.parent.tell(ChildExited(self.kernel_id, msg.status, uptime))
+            self.parent.tell(ChildExited(self.kernel_id, status, uptime, reason=status.describe()))

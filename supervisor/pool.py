@@ -41,8 +41,11 @@ class Pooled(Supervision):
 
     async def acquire(self, kernel_name: str = "python3") -> str:
         """A ready kernel from the warm pool at once, or a new one if it is empty."""
-        ready: asyncio.Future[str] = await self.ask(Acquire(kernel_name))
-        return await ready
+        async def acquire() -> str:
+            ready: asyncio.Future[str] = await self.ask(Acquire(kernel_name))
+            return await ready
+
+        return await self.call(acquire)
 
     async def receive(self, msg: object) -> Any:
         if isinstance(msg, Acquire):

@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import zmq.asyncio
 from tornado.ioloop import PeriodicCallback
 
 from supervisor._log import get_logger
@@ -70,9 +71,9 @@ from supervisor.kernel import (
     Signal,
     Start,
 )
+from supervisor.launchers import ExitStatus
 from supervisor.policy import ExitInfo, GiveUp, RestartHistory, RestartPolicy, decide
 from supervisor.policy import Restart as RestartDecision
-from supervisor.process import ExitStatus
 from supervisor.startgate import StartGate
 
 __all__ = ["Supervision"]
@@ -99,8 +100,10 @@ class Supervision(Actor):
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         name: str | None = None,
+        context: zmq.asyncio.Context | None = None,
     ) -> None:
         super().__init__(name=name or f"supervisor-{uuid.uuid4().hex[:8]}")
+        self._context = context  # for the kernels' control/IOPub sockets (None: shared)
         if strategy not in STRATEGIES:
             raise ConfigurationError(f"strategy must be one of {STRATEGIES}, not {strategy!r}")
         for label, value in (("max_kernels", max_kernels),
@@ -143,9 +146,18 @@ class Supervision(Actor):
 
 
     async def shutdown_all(self, now: bool = False) -> None:
-        """Stop every child, cancelling pending restarts; reverse start order."""
-        done: asyncio.Future[None] = await self.ask(ShutdownAll(now))
-        await done
+        """Stop every child, cancelling pending restarts; reverse start order (from a
+        caller that cannot reach our loop: every kernel killed from here)."""
+        if self.actor_state in ("running", "stopping") and self.unreachable() is not None:
+            for kernel_id in list(self._children):
+                self._abandon_child_if_unreachable(kernel_id)
+            return
+
+        async def shutdown_all() -> None:
+            done: asyncio.Future[None] = await self.ask(ShutdownAll(now))
+            await done
+
+        await self.call(shutdown_all)
 
     def list_kernel_ids(self) -> list[str]:
         """Ids of the kernels handed out (warm-pool kernels not included)."""
@@ -174,8 +186,42 @@ class Supervision(Actor):
 
     # == message handling ================================================================
     async def _op(self, kernel_id: str, op: str, **args: Any) -> None:
-        done: asyncio.Future[None] = await self.ask(Op(kernel_id, op, args))
-        await done
+        async def op_here() -> None:
+            done: asyncio.Future[None] = await self.ask(Op(kernel_id, op, args))
+            await done
+
+        await self.call(op_here)
+
+    def _on_own_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self.loop.asyncio_loop  # type: ignore[attr-defined]
+        except RuntimeError:
+            return False
+
+    def _abandon_child_if_unreachable(self, kernel_id: str) -> bool:
+        """From a caller that cannot reach our loop (closed, or not running): kill the
+        child's process group and remove its files from here. True if done so."""
+        if self.actor_state not in ("running", "stopping"):
+            return False
+        why = self.unreachable()
+        if why is None:
+            return False
+        child = self._children.pop(kernel_id, None)
+        if child is None:
+            return True  # nothing of it left; a shutdown of a gone kernel is quiet
+        self._log.debug("kernel.abandoned", kernel_id=kernel_id, reason=why)
+        child.actor.abandon(f"shut down from elsewhere: {why}")
+        return True
+
+    def on_abandon(self) -> None:
+        """Our loop is gone: every child (kernel or nested supervisor) is abandoned too."""
+        if self._culler is not None:
+            with contextlib.suppress(RuntimeError):
+                self._culler.stop()
+        for child in sorted(self._children.values(), key=lambda c: -c.order):
+            child.actor.abandon(f"{self.name} abandoned: {self._stop_reason}")
+        self._children.clear()
+        self._events.close()
 
     async def receive(self, msg: object) -> Any:
         if isinstance(msg, StartChild):
@@ -218,6 +264,7 @@ class Supervision(Actor):
             supervisor=self.name, kernel_name=child.kernel_name if child else "",
             exit_code=status.exit_code if status else None,
             signal=status.signal if status else None, reason=reason,
+            cause=status.cause if status else "", oom=status.oom if status else False,
             restart_count=child.restart_count if child else 0, delay=delay, manual=manual,
             at=self._clock(),
         )
@@ -252,7 +299,7 @@ class Supervision(Actor):
         self._order += 1
         actor = KernelActor(msg.options, kernel_id=msg.kernel_id, parent=self,
                             connection_info=msg.connection_info,
-                            connection_file=msg.connection_file)
+                            connection_file=msg.connection_file, context=self._context)
         actor.start()
         child = Child(msg.kernel_id, actor, msg.policy, self._order, msg.options,
                        pooled=msg.pooled)
@@ -370,7 +417,10 @@ class Supervision(Actor):
             self._give_up(child, status, decision.reason)
             return
         if not isinstance(decision, RestartDecision):
-            self._emit("dead", child, status=status, reason=f"not restarted: {decision.reason}")
+            why = f"not restarted: {decision.reason}"
+            if status.cause or status.tree_ended:
+                why = f"{why}; last exit: {status.describe()}"
+            self._emit("dead", child, status=status, reason=why)
             self._remove(child)
             return
         child.history = child.history.restarted(now, child.policy)
@@ -419,12 +469,15 @@ class Supervision(Actor):
                 self._cancel_timer(member)
                 member.epoch += 1
                 member.status = "failed"
-                member.actor.tell(Shutdown(now=True)) if isinstance(member.actor, KernelActor) \
+                member.actor.tell(Shutdown(now=True, cause="gave up")) \
+                    if isinstance(member.actor, KernelActor) \
                     else member.actor.tell(ShutdownAll(now=True))
             self._emit("gave_up", None, reason=f"{child.kernel_id}: {why}")
             self.parent.tell(ChildExited(self.name, ExitStatus(1, None), 0.0,
                                          reason=f"nested supervisor {self.name} gave up: {why}"))
             return
+        if status.cause or status.tree_ended:
+            why = f"{why}; last exit: {status.describe()}"
         nested = child.actor if isinstance(child.actor, Supervision) else None
         for kid in ([child.kernel_id] if nested is None else nested.all_kernel_ids()):
             self._emit("dead", child, kernel_id=kid, status=status, reason=why)
@@ -478,7 +531,8 @@ class Supervision(Actor):
             child.status = "stopping"
             self._fail_waiters(child, KernelStartupError(
                 f"start of kernel {child.kernel_id} cancelled by a shutdown"))
-            request = Shutdown(now=args["now"], restart=args["restart"])
+            request = Shutdown(now=args["now"], restart=args["restart"],
+                               cause=args.get("reason", ""))
         elif msg.op == "request_shutdown":
             self._cancel_timer(child)
             child.epoch += 1
@@ -545,8 +599,10 @@ class Supervision(Actor):
             child.status = "stopped"
             self._emit("shutdown", child, reason="stopped for a later start", manual=True)
         else:
-            self._emit("shutdown", child, reason=msg.args.get("reason", "requested"),
-                       manual=True)
+            reason = msg.args.get("reason", "requested")
+            last = actor.last_exit if isinstance(actor, KernelActor) else None
+            self._emit("shutdown", child, status=last, manual=True,
+                       reason=reason if last is None else f"{reason} ({last.describe()})")
             self._remove(child)
 
     def _on_shutdown_all(self, msg: ShutdownAll) -> asyncio.Future[None]:

@@ -31,6 +31,7 @@ from supervisor.events import KernelEvent, Listener
 from supervisor.kernel import (
     KernelActor,
 )
+from supervisor.launchers import Resources
 from supervisor.policy import RestartPolicy
 from supervisor.pool import Pooled
 
@@ -50,7 +51,20 @@ class Supervisor(Pooled):
         await self.close()
 
     async def close(self, now: bool = False) -> None:
-        """Shut every child down (reverse start order) and stop the supervisor."""
+        """Shut every child down (reverse start order) and stop the supervisor.
+
+        From another loop or thread: done on the supervisor's loop if it runs; if
+        that loop is closed or not running, every kernel is killed and its files
+        removed from here (:meth:`~supervisor.actor.Actor.abandon`).
+        """
+        if self.actor_state in ("new", "stopped"):
+            return
+        if self.unreachable() is not None:
+            self.abandon(f"closed from elsewhere: {self.unreachable()}")
+            return
+        if not self._on_own_loop():
+            await self.call(lambda: self.close(now))
+            return
         if self.alive:
             with contextlib.suppress(KernelDeadError):
                 await self.shutdown_all(now=now)
@@ -82,8 +96,12 @@ class Supervisor(Pooled):
         msg = StartChild(kernel_id or str(uuid.uuid4()), options, policy or self.policy,
                           connection_info=conn_info,
                           connection_file=None if conn_file is None else str(conn_file))
-        ready: asyncio.Future[str] = await self.ask(msg)
-        return await ready
+
+        async def start() -> str:
+            ready: asyncio.Future[str] = await self.ask(msg)
+            return await ready
+
+        return await self.call(start)
 
     async def restart_kernel(self, kernel_id: str, now: bool = False, newports: bool = False,
                              **overrides: Any) -> None:
@@ -100,7 +118,13 @@ class Supervisor(Pooled):
 
     async def shutdown_kernel(self, kernel_id: str, now: bool = False,
                               restart: bool = False) -> None:
-        """Stop a kernel; with ``restart`` it stays known (files kept) for a later start."""
+        """Stop a kernel; with ``restart`` it stays known (files kept) for a later start.
+
+        Works from any loop or thread: if the supervisor's loop is closed or not
+        running, the kernel is killed and its files removed from here.
+        """
+        if self._abandon_child_if_unreachable(kernel_id):
+            return
         await self._op(kernel_id, "shutdown", now=now, restart=restart)
 
     async def request_shutdown(self, kernel_id: str, restart: bool = False) -> None:
@@ -108,7 +132,10 @@ class Supervisor(Pooled):
         await self._op(kernel_id, "request_shutdown", restart=restart)
 
     async def finish_shutdown(self, kernel_id: str, waittime: float | None = None) -> None:
-        """Wait for the exit asked by :meth:`request_shutdown`, then force it; clean up."""
+        """Wait for the exit asked by :meth:`request_shutdown`, then force it; clean up
+        (from a loop that cannot reach the supervisor's: killed at once, as a shutdown)."""
+        if self._abandon_child_if_unreachable(kernel_id):
+            return
         await self._op(kernel_id, "finish_shutdown", waittime=waittime)
 
     async def start_supervisor(self, child_policy: RestartPolicy | None = None,
@@ -121,7 +148,10 @@ class Supervisor(Pooled):
         """
         child = Supervisor(**kwargs)
         child.parent = self
-        await self.ask(AddSupervisor(child, child_policy or self.policy))
+        async def add() -> None:
+            await self.ask(AddSupervisor(child, child_policy or self.policy))
+
+        await self.call(add)
         return child
 
     def get_kernel(self, kernel_id: str) -> KernelHandle:
@@ -176,10 +206,16 @@ class Supervisor(Pooled):
             self._events.unsubscribe(wrapper)
 
     def statistics(self) -> SupervisorStatistics:
-        """A frozen snapshot of counts by state, restarts, pool and pending starts."""
+        """A frozen snapshot of counts by state, restarts, pool and pending starts, and
+        each kernel's :class:`~supervisor.launchers.Resources` (memory, CPU, processes)."""
         by_state: dict[str, int] = {}
         pool: dict[str, int] = dict.fromkeys(self.warm, 0)
+        resources: dict[str, Resources] = {}
         for child in self._children.values():
+            if isinstance(child.actor, KernelActor):
+                figures = child.actor.resources()
+                if figures is not None:
+                    resources[child.kernel_id] = figures
             by_state[child.status] = by_state.get(child.status, 0) + 1
             if child.pooled and child.status == "ready":
                 pool[child.kernel_name] = pool.get(child.kernel_name, 0) + 1
@@ -188,6 +224,7 @@ class Supervisor(Pooled):
             by_state=MappingProxyType(by_state), pending_starts=self._gate.pending,
             restarts=self._restarts, gave_up=self._gave_up, pool=MappingProxyType(pool),
             pool_target=MappingProxyType(dict(self.warm)), events=self._events.delivered,
+            resources=MappingProxyType(resources),
         )
 
     def actor_of(self, kernel_id: str) -> KernelActor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -32,11 +33,30 @@ def _isolated_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path
     for proc in alive:
         proc.kill()
     assert not alive, f"kernel processes outlived the suite: {alive}"
+    groups = leftover_cgroups()
+    for group in groups:
+        with contextlib.suppress(OSError):
+            group.rmdir()
+    assert not groups, f"kernel cgroups left behind: {groups}"
     assert not leftovers, f"connection files left in the runtime dir: {leftovers}"
     if old is None:
         os.environ.pop("JUPYTER_RUNTIME_DIR", None)
     else:
         os.environ["JUPYTER_RUNTIME_DIR"] = old
+
+
+def leftover_cgroups() -> list[Path]:
+    """Kernel cgroups made by this process, or by a supervising process that is gone."""
+    from supervisor.launchers.cgroups import detect
+
+    setup = detect()
+    found = []
+    for parent in ([setup.unified] if setup.unified else []) + list(setup.v1.values()):
+        for path in parent.glob("kernel-supervisor-*"):
+            owner = int(path.name.split("-")[2])
+            if owner == os.getpid() or not psutil.pid_exists(owner):
+                found.append(path)
+    return found
 
 
 def kernel_descendants() -> list[psutil.Process]:

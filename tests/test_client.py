@@ -155,7 +155,7 @@ async def test_wait_for_ready_returns_kernel_info(kc: KernelClient) -> None:
     reply = await kc.wait_for_ready(timeout=READY)
     assert reply["msg_type"] == "kernel_info_reply"
     assert reply["content"]["language_info"]["name"] == "python"
-    assert kc.channels_running and kc.is_alive() and kc.hb_channel.is_beating()
+    assert kc.channels_running and await kc.is_alive() and kc.hb_channel.is_beating()
 
 
 async def test_execute_streams_on_iopub(kc: KernelClient) -> None:
@@ -261,7 +261,7 @@ async def test_stopped_channels_refuse_to_wait(kernel: Kernel) -> None:
     client.stop_channels()
     with pytest.raises(KernelStateError):
         await waiting
-    assert not client.channels_running and not client.is_alive()
+    assert not client.channels_running and not await client.is_alive()
     with pytest.raises(KernelStateError):
         client.execute("1")
 
@@ -324,11 +324,11 @@ async def test_heartbeat_stops_when_kernel_dies(home: str) -> None:
         client.start_channels()
         await client.wait_for_ready(timeout=READY)
         await _until(lambda: client.hb_channel.beats >= 1, READY)
-        assert client.hb_channel.is_beating() and client.is_alive()
+        assert client.hb_channel.is_beating() and await client.is_alive()
         os.killpg(k.proc.pid, signal.SIGKILL)
         k.proc.wait(timeout=10)
         await _until(lambda: not client.hb_channel.is_beating(), 5)
-        assert not client.is_alive()
+        assert not await client.is_alive()
     finally:
         client.stop_channels()
         _stop(k)

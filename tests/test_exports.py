@@ -9,9 +9,9 @@ from pathlib import Path
 import supervisor
 
 PACKAGE = Path(supervisor.__file__).parent
-LAYERS = ["errors", "wire", "connection", "kernelspec", "process", "actor", "client", "kernel",
-          "policy", "events", "startgate", "children", "supervision", "pool", "supervisor", "manager",
-          "gateway", "cli"]
+LAYERS = ["errors", "wire", "connection", "kernelspec", "launchers", "process", "actor", "client",
+          "kernel", "policy", "events", "startgate", "children", "supervision", "pool", "supervisor",
+          "manager", "gateway", "cli"]
 
 
 def test_all_lists_exactly_the_public_names() -> None:
@@ -40,8 +40,17 @@ def test_layers_import_only_layers_above_them() -> None:
                         "supervisor."):
                     target = node.module.split(".")[1]
                     assert target in allowed, f"{path.relative_to(PACKAGE)} imports {target}"
-    private = {PACKAGE / n for n in ("__init__.py", "__main__.py", "_log.py", "_reaper.py")}
+    private = {PACKAGE / n for n in ("__init__.py", "__main__.py", "_log.py")}
     assert set(PACKAGE.rglob("*.py")) - seen - private == set(), "a module outside the layers"
+
+
+def test_launchers_need_nothing_above_them() -> None:
+    """The launcher room imports only errors, logging and itself, so launchers plug in below."""
+    for path in (PACKAGE / "launchers").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
+                    "supervisor."):
+                assert node.module.split(".")[1] in ("errors", "_log", "launchers"), path.name
 
 
 def test_no_jupyter_runtime_dependencies() -> None:

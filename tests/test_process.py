@@ -54,7 +54,7 @@ async def test_exit_code_and_stderr_tail_are_reported() -> None:
     assert status.abnormal and status.describe() == "exit code 3"
     assert proc.stderr_tail().splitlines()[-1] == "fatal: boom"
     assert proc.returncode == 3 and not proc.running
-    proc.release_group()
+    await proc.cleanup()
     proc.close()
 
 
@@ -65,7 +65,7 @@ async def test_kill_reports_the_signal() -> None:
     status = await proc.wait(10)
     assert status is not None and status.signal == signal.SIGKILL and status.exit_code is None
     assert status.describe() == "signal SIGKILL"
-    proc.release_group()
+    await proc.cleanup()
     proc.close()
 
 
@@ -77,7 +77,7 @@ async def test_missing_executable_is_a_typed_error() -> None:
         KernelProcess.launch([])
 
 
-async def test_release_group_kills_grandchildren() -> None:
+async def test_cleanup_kills_grandchildren() -> None:
     """After the kernel is gone, what it spawned in its group is killed too."""
     proc = KernelProcess.launch(
         script("""
@@ -94,7 +94,7 @@ async def test_release_group_kills_grandchildren() -> None:
     proc.signal(signal.SIGKILL)  # only the kernel: the grandchild survives it
     await proc.wait(10)
     assert wait_gone([grandchild], 0.05) == [grandchild]
-    proc.release_group()
+    await proc.cleanup()
     assert wait_gone([grandchild], 5) == []
     proc._popen.stdout.close()
     proc.close()

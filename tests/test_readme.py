@@ -30,11 +30,15 @@ def test_readme_gives_exactly_two_setup_commands_and_ci_runs_the_second() -> Non
 
 @pytest.mark.parametrize("index", range(len(EXAMPLES)))
 def test_readme_example_runs(index: int, tmp_path: Path) -> None:
-    """Each ```python block of the README runs to completion in a fresh interpreter."""
+    """Each ```python block of the README runs to completion in a fresh ``-X dev``
+    interpreter and exits cleanly: no ResourceWarning, no pending task destroyed."""
     env = dict(os.environ, JUPYTER_RUNTIME_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-c", EXAMPLES[index]], env=env, cwd=tmp_path,
+    result = subprocess.run([sys.executable, "-X", "dev", "-W", "error::ResourceWarning",
+                             "-c", EXAMPLES[index]], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+    for dirty in ("ResourceWarning", "Task was destroyed", "Exception ignored"):
+        assert dirty not in result.stderr, result.stderr[-3000:]
     assert list(tmp_path.glob("kernel-*.json")) == []
 
 

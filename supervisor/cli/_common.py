@@ -33,6 +33,7 @@ from supervisor._log import EVENT_ATTRIBUTE, get_logger
 from supervisor.client import KernelClient
 from supervisor.errors import (
     ChannelTimeout,
+    ConfigurationError,
     KernelStartupError,
     KernelStateError,
     NoSuchKernel,
@@ -40,6 +41,7 @@ from supervisor.errors import (
 )
 from supervisor.events import EVENT_KINDS
 from supervisor.kernelspec import find_kernel_specs
+from supervisor.launchers import CONTAIN_MODES, format_bytes, parse_cpu_limit, parse_memory_limit
 from supervisor.supervisor import Supervisor
 
 T = TypeVar("T")
@@ -209,6 +211,40 @@ seconds_arg = number(float, 0.0, strict=True)
 delay_arg = number(float, 0.0, strict=False)
 
 
+def _checked(parse: Callable[[object], object]) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ConfigurationError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    return check
+
+
+def add_containment_arguments(p: argparse.ArgumentParser) -> None:
+    """``--memory-limit``, ``--cpu-limit`` and ``--contain``: the kernels' containment."""
+    group = p.add_argument_group("containment (see docs/containment.md)")
+    group.add_argument("--memory-limit", type=_checked(parse_memory_limit), metavar="SIZE",
+                       help="memory limit of each kernel's process tree, e.g. 2G or 300M")
+    group.add_argument("--cpu-limit", type=_checked(parse_cpu_limit), metavar="CPUS",
+                       help="CPU quota of each kernel's process tree, in CPUs (0.5, 2)")
+    group.add_argument("--contain", choices=CONTAIN_MODES, default="auto",
+                       help="how each kernel's process tree is contained: auto (a cgroup "
+                            "where possible, else session), cgroup (required), session, or "
+                            "off (daemons it starts may outlive it); default auto")
+
+
+def containment_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The launch options the containment arguments ask for."""
+    return {"memory_limit": args.memory_limit, "cpu_limit": args.cpu_limit,
+            "contain": args.contain}
+
+
+def human_bytes(size: int | None) -> str:
+    """``'-'`` for unknown, else ``format_bytes``."""
+    return "-" if size is None else format_bytes(size)
+
+
 # == running code ================================================================================
 class Stopped(Exception):
     """The user stopped us (exit status ``code``)."""
@@ -317,7 +353,7 @@ def kill_now(sup: Supervisor) -> None:
         with contextlib.suppress(KernelStateError):
             proc = sup.actor_of(kid).process
             if proc is not None:
-                proc.kill()
+                proc.kill_tree()
 
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from supervisor.cli._common import (
     Context,
     Stopped,
+    add_containment_arguments,
+    containment_options,
     execute,
     kill_now,
     log,
@@ -49,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="give up if the code has not finished after S seconds (default: never)")
     p.add_argument("--startup-timeout", type=seconds_arg, default=60.0, metavar="S",
                    help="seconds the kernel may take to start (default 60)")
+    add_containment_arguments(p)
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
@@ -69,7 +72,8 @@ async def _run(args: argparse.Namespace, code: str, forward_stderr: bool) -> int
     stop: asyncio.Future[BaseException] = loop.create_future()
     sup = Supervisor(policy=RestartPolicy.never(), name="run")
     km = AsyncKernelManager(args.kernel, autorestart=False, supervisor=sup,
-                            forward_stderr=forward_stderr, startup_timeout=args.startup_timeout)
+                            forward_stderr=forward_stderr, startup_timeout=args.startup_timeout,
+                            **containment_options(args))
     kc: KernelClient | None = None
     running = now = False
     interrupts = 0

@@ -22,9 +22,12 @@ from typing import Any
 from supervisor.cli._common import (
     Console,
     Context,
+    add_containment_arguments,
+    containment_options,
     count_arg,
     delay_arg,
     format_table,
+    human_bytes,
     human_seconds,
     isatty,
     kill_now,
@@ -79,6 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop S seconds after the kernels are ready (default: at SIGINT/SIGTERM)")
     p.add_argument("--status-interval", type=seconds_arg, default=1.0, metavar="S",
                    help="seconds between redraws of the status table (default 1)")
+    add_containment_arguments(p)
     p.add_argument("--startup-timeout", type=seconds_arg, default=60.0, metavar="S",
                    help="seconds a kernel may take to start (default 60)")
 
@@ -112,7 +116,8 @@ class _Supervise:
             policy=policy, strategy=args.strategy, name="supervise",
             warm={args.kernel: args.warm} if args.warm else None,
             launch=LaunchOptions(kernel_name=args.kernel, forward_stderr=forward_stderr,
-                                 startup_timeout=args.startup_timeout),
+                                 startup_timeout=args.startup_timeout,
+                                 **containment_options(args)),
             rng=random.Random(self.rng.random()))
         self.rows: dict[str, list[Any]] = {}  # id -> [last kind, last text, restarts]
         self.counts: collections.Counter[str] = collections.Counter()
@@ -159,27 +164,36 @@ class _Supervise:
             self.rows.setdefault(kid, ["", "", 0])
         table: list[tuple[str, ...]] = []
         ready = 0
+        stats = sup.statistics()
         for kid, (kind, text, last_restarts) in self.rows.items():
             state, pid, uptime, restarts = kind or "gone", "-", None, last_restarts
+            mem = cpu = procs = "-"
             if kid in ids:
                 state = sup.child_status(kid)
                 restarts = sup.child_record(kid)[0]
                 actor = sup.actor_of(kid)
                 if actor.is_alive():
                     pid = str(actor.pid)
+                    res = stats.resources.get(kid)
+                    if res is not None:
+                        mem = human_bytes(res.memory)
+                        cpu = "-" if res.cpu_seconds is None else f"{res.cpu_seconds:.1f}s"
+                        procs = "-" if res.processes is None else str(res.processes)
                 if state == "ready":
                     ready += 1
                     uptime = now - actor.started_at if actor.started_at else None
                 if kid not in sup:
                     state += " (warm)"
-            table.append((kid[:8], state, pid, str(restarts), human_seconds(uptime), text or "-"))
-        title = (f"status: {ready}/{len(ids)} ready, {sup.statistics().restarts} restarts, "
+            table.append((kid[:8], state, pid, str(restarts), human_seconds(uptime), mem, cpu,
+                          procs, text or "-"))
+        title = (f"status: {ready}/{len(ids)} ready, {stats.restarts} restarts, "
                  f"up {human_seconds(now - self.started)}")
         return title, table
 
     def refresh(self) -> None:
         title, table = self.snapshot()
-        header = ("KERNEL", "STATE", "PID", "RESTARTS", "UPTIME", "LAST EVENT")
+        header = ("KERNEL", "STATE", "PID", "RESTARTS", "UPTIME", "MEM", "CPU", "PROCS",
+                  "LAST EVENT")
         lines = [title, *format_table([header, *table])]
         if self.live:
             self.console.show(lines)

@@ -22,7 +22,7 @@ import getpass
 import math
 import sys
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from inspect import isawaitable
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,9 @@ class KernelClient:
         self.stdin_channel = self._channels["stdin"]  # input_request / input_reply
         self.control_channel = self._channels["control"]  # shutdown, interrupt, debug
         self.hb_channel = self._hb  # the heartbeat
+        # Set by a manager: "does the kernel process run?" (jupyter_client's clients
+        # made by a manager ask it too); without it, is_alive() asks the heartbeat.
+        self.liveness: Callable[[], bool] | None = None
         self._log = log
         if connection_file is not None:
             self.load_connection_file(connection_file)
@@ -166,8 +169,11 @@ class KernelClient:
         """True while any channel runs."""
         return self._hb.is_alive() or any(c.is_alive() for c in self._channels.values())
 
-    def is_alive(self) -> bool:
-        """The heartbeat's verdict; without a heartbeat, whether any channel runs."""
+    async def is_alive(self) -> bool:
+        """Awaitable, as jupyter_client's async client: the manager's answer for a client
+        it made, else the heartbeat's verdict, else whether any channel runs."""
+        if self.liveness is not None:
+            return self.liveness()
         return self._hb.is_beating() if self._hb.is_alive() else self.channels_running
 
     async def __aenter__(self) -> KernelClient:

@@ -18,11 +18,13 @@ kernel for ``kernel_info`` every half second (as jupyter_server's "nudge"
 does). So no client request runs before its output can be seen.
 
 A :class:`Peer` is one WebSocket client seen from here: an outgoing queue with
-a byte budget. When a peer cannot keep up, IOPub messages other than
-``status`` are dropped (and counted) once its queue passes the budget; if even
-replies pile up to twice the budget the peer is closed (1013). One slow
-client never slows the kernel or the others, and never grows memory without
-bound.
+a byte budget, written one batch at a time. When a peer cannot keep up, IOPub
+messages other than ``status``, ``execute_input``, ``error`` and
+``clear_output`` are dropped (and counted) once what waits behind the batch
+being written passes the budget; if even those and the replies pile up past
+twice the budget the peer is closed (1013). One slow client never slows the
+kernel or the others, and never grows memory without bound (at most about
+twice the budget and one message waiting, plus the batch in flight).
 
 Everything here belongs to the gateway's IOLoop: the reader tasks, the
 peers' writer tasks and the routing tables are touched only from it.
@@ -76,7 +78,9 @@ class Peer:
         self.budget = budget
         self._metrics = metrics
         self._queue: deque[tuple[str | bytes, int, int]] = deque()
-        self.queued_bytes = 0
+        self.queued_bytes = 0  # waiting, plus the batch being written
+        self.waiting_bytes = 0
+        self._waiting_max = 0  # the largest message waiting: one may exceed the budget
         self.dropped = 0
         self.garbage = 0
         self.written_seq = 0
@@ -92,18 +96,23 @@ class Peer:
         frame = encode_v1(channel, parts) if self.v1 else encode_legacy(
             channel, parts, msg_id, msg_type)
         size = len(frame)
-        if channel == "iopub" and msg_type not in _ALWAYS_KEEP and \
-                self.queued_bytes + size > self.budget:
+        # Only what waits behind the batch being written counts against the budget,
+        # and a message bigger than the budget still goes when nothing is waiting.
+        waiting = self.waiting_bytes
+        if channel == "iopub" and msg_type not in _ALWAYS_KEEP and waiting and \
+                waiting + size > self.budget:
             self.dropped += 1
             self._metrics.count("ws_dropped", reason="slow_client")
             self.written_seq = max(self.written_seq, seq)
             return
-        if self.queued_bytes + size > 2 * self.budget:
+        if waiting - self._waiting_max > 2 * self.budget:
             self._metrics.count("ws_closed", reason="slow_client")
             self.shut(CLOSE_TOO_SLOW, "client too slow: outgoing buffer full")
             return
         self._queue.append((frame, size, seq))
         self.queued_bytes += size
+        self.waiting_bytes += size
+        self._waiting_max = max(self._waiting_max, size)
         self._wake.set()
 
     async def _writer(self) -> None:
@@ -114,6 +123,7 @@ class Peer:
                 while self._queue and not self.closed:
                     batch = list(self._queue)
                     self._queue.clear()
+                    self.waiting_bytes = self._waiting_max = 0
                     pending: Awaitable[None] | None = None
                     try:
                         for frame, _, _ in batch:
@@ -135,7 +145,7 @@ class Peer:
             return
         self.closed = True
         self._queue.clear()
-        self.queued_bytes = 0
+        self.queued_bytes = self.waiting_bytes = 0
         self._wake.set()
         self.task.cancel()
         with contextlib.suppress(Exception):
@@ -296,6 +306,8 @@ class KernelBridge:
             self._metrics.count("kernel_dropped", reason="unrouted")
             return
         peer.push(channel, parts, msg_id, msg_type)
+        if peer.closed:
+            self.remove_peer(peer)
 
     def _publish(self, parts: list[bytes], msg_id: str, msg_type: str) -> None:
         self._seq += 1
@@ -310,6 +322,8 @@ class KernelBridge:
                 self._replay_bytes -= sum(len(p) for p in old)
         for peer in list(self.peers.values()):
             peer.push("iopub", parts, msg_id, msg_type, seq)
+            if peer.closed:  # shut for being too slow: gone now, not when its TCP times out
+                self.remove_peer(peer)
 
     def publish_status(self, state: str) -> None:
         """Tell every peer the kernel's state (``restarting``, ``dead``), as IOPub."""
