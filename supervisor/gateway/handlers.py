@@ -10,6 +10,7 @@ handler object per request, used on the loop only).
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import mimetypes
@@ -234,6 +235,9 @@ class KernelsHandler(GatewayHandler):
         except (KernelStartupError, KernelDeadError) as exc:
             raise tornado.web.HTTPError(500, "kernel %s did not start: %s", name, exc,
                                         reason="Kernel start failed") from None
+        # Subscribe to its IOPub now, so the client's WebSocket finds it live.
+        with contextlib.suppress(KernelStateError):
+            self.gateway.bridge(kernel_id)
         self.set_header("Location", f"{settings.base_url}api/kernels/{kernel_id}")
         self.json(self.gateway.kernel_model(kernel_id), 201)
 
