@@ -14,6 +14,11 @@ the order they arrived.
 * Stopping runs ``on_stop`` and then answers every message still in the
   mailbox with :class:`~supervisor.errors.KernelClosedError`, so no caller
   hangs; asks made after the stop fail the same way at once.
+* An asker that goes away (its future is cancelled: ``asyncio.wait_for``
+  expired, the task was cancelled) is reported to :meth:`Actor.on_ask_cancelled`;
+  a queued message whose asker went away is skipped when
+  :meth:`Actor.skip_cancelled` says so. Subclasses decide what a cancel means
+  for each message (a kernel cancels a start; a shutdown goes on).
 * :meth:`Actor.call` runs a coroutine on the actor's loop from any loop or
   thread: in place on its own loop, through ``run_coroutine_threadsafe`` when
   that loop runs in another thread. An actor whose loop is closed (or whose
@@ -221,6 +226,17 @@ class Actor:
         """Handle one message; the return value answers an ``ask``."""
         raise NotImplementedError
 
+    def on_ask_cancelled(self, msg: object) -> None:
+        """The asker of ``msg`` went away (its future was cancelled); on the loop.
+
+        Called whether ``msg`` is still queued, running, or (rarely) done; it must
+        not block or raise. The default does nothing: the message runs anyway.
+        """
+
+    def skip_cancelled(self, msg: object) -> bool:
+        """Whether a queued ``msg`` whose asker went away is dropped unhandled."""
+        return False
+
     def on_tell(self, msg: object) -> None:
         """Called synchronously when a message is queued (on the loop).
 
@@ -255,8 +271,16 @@ class Actor:
             future.set_exception(self._dead_error(msg))
             return future
         self._mailbox.put_nowait(_Envelope(msg, future))
+        future.add_done_callback(lambda f: self._asker_gone(f, msg))
         self.on_tell(msg)
         return future
+
+    def _asker_gone(self, future: asyncio.Future[Any], msg: object) -> None:
+        if future.cancelled() and self._state == "running":
+            try:
+                self.on_ask_cancelled(msg)
+            except Exception as exc:
+                log.error("actor.cancel_hook_failed", actor=self.name, exc_info=exc)
 
     def tell_threadsafe(self, msg: object) -> None:
         """Queue ``msg`` from any thread (through ``IOLoop.add_callback``); dropped if the
@@ -290,6 +314,11 @@ class Actor:
                     result.set_result(done.result())
 
             inner.add_done_callback(_copy)
+            def _gone(r: concurrent.futures.Future[Any]) -> None:
+                if r.cancelled():  # the waiter cancelled: the asker went away
+                    self.loop.add_callback(inner.cancel)
+
+            result.add_done_callback(_gone)
 
         self.loop.add_callback(_on_loop)
         return result
@@ -314,6 +343,9 @@ class Actor:
         while True:
             envelope = await self._mailbox.get()
             msg = envelope.msg
+            if (envelope.future is not None and envelope.future.cancelled()
+                    and self.skip_cancelled(msg)):
+                continue
             if isinstance(msg, Stop):
                 if envelope.future is not None and not envelope.future.done():
                     envelope.future.set_result(None)
@@ -437,9 +469,24 @@ def run_blocking(factory: Callable[[], Coroutine[Any, Any, T]], timeout: float |
             "a blocking kernel-supervisor call was made on its own background loop; "
             "use the async API there"
         )
-    future = asyncio.run_coroutine_threadsafe(factory(), loop.asyncio_loop)  # type: ignore[attr-defined]
+    finished = threading.Event()
+
+    async def run() -> T:
+        try:
+            return await factory()
+        finally:
+            finished.set()
+
+    future = asyncio.run_coroutine_threadsafe(run(), loop.asyncio_loop)  # type: ignore[attr-defined]
     try:
         return future.result(timeout)
     except concurrent.futures.TimeoutError:
         future.cancel()
         raise TimeoutError(f"no result within {timeout} s") from None
+    except KeyboardInterrupt:
+        # Ctrl-C while waiting: the work is cancelled, and we wait for it to end so
+        # that it leaves a defined state (a start stops the kernel it began). A
+        # second Ctrl-C stops this wait.
+        future.cancel()
+        finished.wait()
+        raise

@@ -19,7 +19,8 @@ from supervisor.launchers import Resources
 from supervisor.policy import RestartHistory, RestartPolicy
 
 __all__ = [
-    "ACTIVE", "STRATEGIES", "Acquire", "AddSupervisor", "Child", "CullTick", "DoRestart", "Op",
+    "ACTIVE", "STRATEGIES", "Acquire", "AddSupervisor", "CancelStart", "Child", "CullTick",
+    "DoRestart", "Op",
     "OpDone", "Revive", "ShutdownAll", "StartChild", "StartDone", "SupervisorStatistics",
 ]
 
@@ -85,6 +86,14 @@ class OpDone:
 
 
 @dataclass(frozen=True)
+class CancelStart:
+    """The caller of a start went away: cut that start short."""
+
+    kernel_id: str
+    epoch: int | None = None  # None: whatever start runs now
+
+
+@dataclass(frozen=True)
 class ShutdownAll:
     now: bool
 
@@ -125,6 +134,7 @@ class Child:
     timer: object | None = None
     waiters: list[asyncio.Future[str]] = field(default_factory=list)
     deferred_exit: ChildExited | None = None
+    cancelled: bool = False  # the caller of the current start went away
 
     @property
     def kernel_name(self) -> str:

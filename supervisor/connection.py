@@ -6,14 +6,16 @@ write it atomically as the JSON file a kernel reads with ``-f``, read one back,
 and remove it together with any ipc socket files. The JSON layout is the one
 jupyter_client writes, so files are interchangeable in both directions.
 
-Threading: nothing here holds state. :class:`ConnectionInfo` is frozen and may
-be shared between threads and loops; the functions are plain blocking calls
-(small file-system operations) that any thread may use.
+Threading: :class:`ConnectionInfo` is frozen and may be shared between threads
+and loops; the functions are plain blocking calls (small file-system
+operations) that any thread may use. The one piece of state is the
+process-wide set of reserved ports (:func:`reserve_ports`), guarded by a lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hmac
 import json
 import os
@@ -21,8 +23,9 @@ import secrets
 import socket
 import sys
 import tempfile
+import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +33,19 @@ from typing import Any
 import zmq
 
 from supervisor._log import get_logger
-from supervisor.errors import ConfigurationError, ConnectionFileError
+from supervisor.errors import (
+    ConfigurationError,
+    ConnectionFileError,
+    ResourceExhaustedError,
+    SupervisorError,
+)
 
 __all__ = [
     "CHANNELS",
     "ConnectionInfo",
+    "PortReservation",
     "allocate_ports",
+    "claim_ports",
     "connection_file_path",
     "ensure_runtime_dir",
     "ipc_paths",
@@ -43,6 +53,8 @@ __all__ = [
     "new_key",
     "read_connection_file",
     "remove_connection_files",
+    "reserve_ports",
+    "reserved_ports",
     "runtime_dir",
     "write_connection_file",
 ]
@@ -240,27 +252,124 @@ def new_key() -> bytes:
     return secrets.token_hex(32).encode("ascii")
 
 
-def allocate_ports(n: int = 5, ip: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct TCP ports that were free on ``ip`` a moment ago.
+# Ports handed out by this process and not yet given back: a start never gets a
+# port another start of ours holds (the probe sockets close before the kernel
+# binds, so the system alone would happily hand the same port out twice).
+_reserved_lock = threading.Lock()
+_reserved: set[int] = set()
+_PROBE_LIMIT = 512  # probe sockets tried for one request before giving up
 
-    All ``n`` sockets are bound at once (so the ports differ) and then closed;
-    another process could still take one before the kernel binds it.
+
+class PortReservation:
+    """TCP ports reserved in this process until :meth:`release` (idempotent).
+
+    Thread-safe. While reserved, :func:`reserve_ports` and
+    :func:`allocate_ports` in this process never hand these ports out again;
+    other processes are not bound by it.
     """
+
+    def __init__(self, ports: Sequence[int]) -> None:
+        self.ports: tuple[int, ...] = tuple(ports)
+        self._released = False
+
+    def release(self) -> None:
+        """Give the ports back (they may be handed out again)."""
+        with _reserved_lock:
+            if not self._released:
+                _reserved.difference_update(self.ports)
+                self._released = True
+
+    @property
+    def released(self) -> bool:
+        """True once :meth:`release` ran."""
+        return self._released
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "held"
+        return f"PortReservation({list(self.ports)}, {state})"
+
+
+def reserved_ports() -> frozenset[int]:
+    """The ports currently reserved in this process (a snapshot)."""
+    with _reserved_lock:
+        return frozenset(_reserved)
+
+
+def _port_error(ip: str, exc: OSError) -> SupervisorError:
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return ResourceExhaustedError(
+            f"cannot allocate TCP ports on {ip!r}: too many open files ({exc})",
+            resource="file descriptors", errno=exc.errno)
+    return ConfigurationError(f"cannot allocate TCP ports on {ip!r}: {exc}")
+
+
+def _pick_ports(n: int, ip: str, *, reserve: bool) -> list[int]:
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ConfigurationError(f"allocate_ports: n must be a non-negative int, not {n!r}")
     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    sockets: list[socket.socket] = []
+    probes: list[socket.socket] = []
+    chosen: list[int] = []
     try:
-        for _ in range(n):
+        # Every probe stays bound until the choice is made (so the system gives
+        # distinct ports), and the choice is recorded before any probe closes.
+        while len(chosen) < n:
+            if len(probes) >= n + _PROBE_LIMIT:
+                raise ConfigurationError(
+                    f"cannot allocate {n} TCP ports on {ip!r}: {len(probes)} probed ports "
+                    f"were all reserved by this process")
             sock = socket.socket(family, socket.SOCK_STREAM)
-            sockets.append(sock)
+            probes.append(sock)
             sock.bind((ip, 0))
-        return [int(s.getsockname()[1]) for s in sockets]
+            port = int(sock.getsockname()[1])
+            with _reserved_lock:
+                if port in _reserved or port in chosen:
+                    continue
+                chosen.append(port)
+                if reserve:
+                    _reserved.add(port)
+        return chosen
     except OSError as exc:
-        raise ConfigurationError(f"cannot allocate TCP ports on {ip!r}: {exc}") from exc
+        if reserve:
+            with _reserved_lock:
+                _reserved.difference_update(chosen)
+        raise _port_error(ip, exc) from exc
+    except BaseException:
+        if reserve:
+            with _reserved_lock:
+                _reserved.difference_update(chosen)
+        raise
     finally:
-        for sock in sockets:
+        for sock in probes:
             sock.close()
+
+
+def allocate_ports(n: int = 5, ip: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct TCP ports that were free on ``ip`` a moment ago.
+
+    Ports reserved in this process (:func:`reserve_ports`) are skipped, but
+    the ones returned are not reserved: another process, or a later call,
+    could take one before the kernel binds it. Starts use :func:`reserve_ports`.
+    """
+    return _pick_ports(n, ip, reserve=False)
+
+
+def reserve_ports(n: int = 5, ip: str = "127.0.0.1") -> PortReservation:
+    """Like :func:`allocate_ports`, and the ports stay reserved in this process.
+
+    No other :func:`reserve_ports` or :func:`allocate_ports` call in this
+    process returns them until the reservation is released.
+    """
+    return PortReservation(_pick_ports(n, ip, reserve=True))
+
+
+def claim_ports(ports: Sequence[int]) -> PortReservation | None:
+    """Reserve the given ports (a connection file's); None if one is already reserved."""
+    wanted = {p for p in ports if p}
+    with _reserved_lock:
+        if wanted & _reserved:
+            return None
+        _reserved.update(wanted)
+    return PortReservation(sorted(wanted))
 
 
 def _ipc_suffixes(prefix: str, n: int) -> list[int]:
@@ -282,28 +391,37 @@ def new_connection_info(
     kernel_name: str = "",
     curve: bool = False,
     ipc_prefix: str | None = None,
+    ports: Sequence[int] | None = None,
 ) -> ConnectionInfo:
     """A fresh :class:`ConnectionInfo`: new ports (or ipc paths), key and keypair.
 
     For ``tcp`` the ports are :func:`allocate_ports` on ``ip``. For ``ipc``,
     ``ip`` is ignored: the prefix is ``ipc_prefix`` or a new name in
     :func:`runtime_dir` (created if needed), and the suffixes are the lowest
-    numbers from 1 whose socket file does not exist yet. ``key=None`` means
+    numbers from 1 whose socket file does not exist yet. ``ports`` (five, in
+    :data:`CHANNELS` order) are used as given, for ports already reserved with
+    :func:`reserve_ports`. ``key=None`` means
     :func:`new_key`; ``curve=True`` adds a ``zmq.curve_keypair()``.
     """
     if transport not in TRANSPORTS:
         raise ConnectionFileError(
             f"transport must be one of {TRANSPORTS}, not {transport!r}", field="transport"
         )
+    if ports is not None:
+        if len(ports) != len(CHANNELS):
+            raise ConfigurationError(f"ports: {len(CHANNELS)} are needed, not {len(ports)}")
+        ports = list(ports)
     if transport == "tcp":
         host = ip
-        ports = allocate_ports(len(CHANNELS), ip)
+        if ports is None:
+            ports = allocate_ports(len(CHANNELS), ip)
     else:
         if ipc_prefix is None:
             host = str(ensure_runtime_dir() / f"kernel-{uuid.uuid4().hex[:12]}-ipc")
         else:
             host = ipc_prefix
-        ports = _ipc_suffixes(host, len(CHANNELS))
+        if ports is None:
+            ports = _ipc_suffixes(host, len(CHANNELS))
     public: bytes | None = None
     secret: bytes | None = None
     if curve:
@@ -350,16 +468,26 @@ def runtime_dir() -> Path:
 
 
 def ensure_runtime_dir() -> Path:
-    """:func:`runtime_dir`, created with mode 0700 if it did not exist."""
+    """:func:`runtime_dir`, created with mode 0700 if it did not exist.
+
+    A runtime dir that cannot be made (read-only file system, a file in the
+    way, no permission, disk full) is a :class:`ConnectionFileError` naming it.
+    """
     path = runtime_dir()
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        path.mkdir(mode=0o700)
-    except FileExistsError:
-        if not path.is_dir():
-            raise ConfigurationError(f"runtime dir {path} exists but is not a directory") from None
-    else:
-        path.chmod(0o700)  # mkdir's mode is filtered by the umask
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            if not path.is_dir():
+                raise ConfigurationError(
+                    f"runtime dir {path} exists but is not a directory") from None
+        else:
+            path.chmod(0o700)  # mkdir's mode is filtered by the umask
+    except OSError as exc:
+        raise ConnectionFileError(
+            f"cannot create the runtime dir {path}: {exc.strerror or exc}", path=str(path)
+        ) from exc
     return path
 
 

@@ -13,6 +13,11 @@ Taxonomy (every class derives from :class:`SupervisorError`):
 * A kernel that could not be started: :class:`KernelStartupError` (timeout,
   died while starting, missing executable), with the exit code and the last
   lines the process wrote to stderr when there are any.
+
+  - :class:`PortInUseError`: a channel's port was taken by another process
+    on every attempt; names the channel and the port.
+  - :class:`ResourceExhaustedError`: the system ran out of something a start
+    needs (file descriptors, processes, disk space, memory); names it.
 * A request that makes no sense in the current state:
   :class:`KernelStateError` (interrupting a kernel that was never started).
 * Bad wire data: :class:`WireError`, with :class:`FrameError` (frame list
@@ -48,7 +53,9 @@ __all__ = [
     "KernelStartupError",
     "KernelStateError",
     "NoSuchKernel",
+    "PortInUseError",
     "ReplayError",
+    "ResourceExhaustedError",
     "RestartLimitExceeded",
     "SignatureError",
     "SupervisorError",
@@ -102,6 +109,35 @@ class KernelStartupError(SupervisorError):
         self.signal = signal
         self.stderr_tail = stderr_tail
         self.timed_out = timed_out
+
+
+class PortInUseError(KernelStartupError):
+    """A kernel could not bind ``channel`` on ``port``: another process holds it.
+
+    Raised once the start's port retries ran out; ``attempts`` counts them.
+    """
+
+    def __init__(
+        self, message: str, *, channel: str | None, port: int | None, attempts: int = 1,
+        stderr_tail: str = "",
+    ) -> None:
+        super().__init__(message, stderr_tail=stderr_tail)
+        self.channel = channel
+        self.port = port
+        self.attempts = attempts
+
+
+class ResourceExhaustedError(KernelStartupError):
+    """A start failed for want of a system resource, named in ``resource``.
+
+    ``resource`` is one of ``"file descriptors"``, ``"processes"``,
+    ``"disk space"``, ``"memory"``; ``errno`` is the error number seen.
+    """
+
+    def __init__(self, message: str, *, resource: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.resource = resource
+        self.errno = errno
 
 
 class KernelStateError(SupervisorError):

@@ -13,6 +13,15 @@ Shutdown during a start     cuts the start short: the start fails with
                             shutdown runs (nothing left to stop)
 Restart during a shutdown   runs after it: the kernel starts again
 Shutdown during a restart   cuts the restart's start short, then shuts down
+The asker of a start goes   (its future cancelled: ``wait_for`` expired, task
+away                        cancelled, Ctrl-C in the blocking face) a queued
+                            Start/Restart is skipped; a running one is cut
+                            short: the kernel it began is killed and reaped,
+                            its files removed, ports given back; the start
+                            fails with :class:`KernelStartupError`
+                            ("cancelled") and the actor can start again
+The asker of a shutdown     the shutdown goes on to its end (a cancelled
+goes away                   wait does not leave a kernel half stopped)
 Anything after ``stop()``   fails with :class:`KernelClosedError`
 Process exits on its own    ``state`` becomes ``exited``; the parent is told
                             with :class:`ChildExited`; the actor never restarts
@@ -33,7 +42,10 @@ import asyncio
 import atexit
 import contextlib
 import dataclasses
+import errno
 import os
+import re
+import resource
 import signal as _signal
 import subprocess
 import time
@@ -51,31 +63,40 @@ from supervisor._log import get_logger
 from supervisor.actor import Actor
 from supervisor.client import connect_channel
 from supervisor.connection import (
+    CHANNELS,
     ConnectionInfo,
+    PortReservation,
+    claim_ports,
     connection_file_path,
     ipc_paths,
     new_connection_info,
     remove_connection_files,
+    reserve_ports,
     write_connection_file,
 )
 from supervisor.errors import (
     ConfigurationError,
+    ConnectionFileError,
     KernelSpecError,
     KernelStartupError,
     KernelStateError,
+    PortInUseError,
+    ResourceExhaustedError,
     WireError,
 )
 from supervisor.kernelspec import KernelSpec, expand_env, format_kernel_cmd, get_kernel_spec
 from supervisor.launchers import (
     CONTAIN_MODES,
+    Endpoint,
     ExitStatus,
     Launcher,
     LaunchRequest,
     Limits,
-    LocalLauncher,
     ProcessHandle,
+    RemoteHandle,
     Resources,
 )
+from supervisor.launchers.choose import check_launcher, choose_launcher
 from supervisor.wire import Message, Session
 
 __all__ = [
@@ -94,7 +115,9 @@ __all__ = [
 
 log = get_logger("supervisor.kernel")
 
-_PORT_CLASH = "Address already in use"
+_PORT_CLASH = b"Address already in use"
+# pyzmq names the endpoint: "Address already in use (addr='tcp://127.0.0.1:5555')"
+_BIND_ERROR = re.compile(rb"Address already in use \(addr='(?P<url>[^']*)'\)")
 _live: weakref.WeakSet[KernelActor] = weakref.WeakSet()
 
 
@@ -114,7 +137,6 @@ def _kill_leftovers_at_exit() -> None:
         if actor.state != "shutdown":
             remove_connection_files(actor.connection_file, actor.connection_info)
 _ENCRYPTION_MODES = ("disabled", "auto", "required")
-_default_launcher = LocalLauncher()
 
 
 # -- messages -------------------------------------------------------------------
@@ -210,7 +232,8 @@ class LaunchOptions:
     contain: str = "auto"
     memory_limit: str | int | None = None
     cpu_limit: float | str | None = None
-    launcher: Launcher | None = None
+    launcher: Launcher | str | None = None
+    slurm_options: Mapping[str, object] | None = None
     inherit_env: bool = True
     stdout: int | None = None
     stderr: int | None = None
@@ -232,6 +255,7 @@ class LaunchOptions:
             raise ConfigurationError(f"contain must be one of {CONTAIN_MODES}, not "
                                      f"{self.contain!r}")
         Limits.parse(self.memory_limit, self.cpu_limit)  # a bad value fails here, named
+        check_launcher(self.launcher, self.slurm_options)
         if self.transport not in ("tcp", "ipc"):
             raise ConfigurationError(f"transport must be 'tcp' or 'ipc', not {self.transport!r}")
         raw: tuple[object, object] = (self.extra_arguments, self.kernel_cmd)
@@ -303,8 +327,88 @@ class _StartCancelled(Exception):
     pass
 
 
+# -- resource exhaustion ----------------------------------------------------------
+_FDS_PER_START = 16  # descriptors a start may hold at its peak (probes, pipes, sockets)
+_EXHAUSTED = {
+    errno.EMFILE: "file descriptors", errno.ENFILE: "file descriptors",
+    errno.EAGAIN: "processes", errno.ENOMEM: "memory",
+    errno.ENOSPC: "disk space", errno.EDQUOT: "disk space",
+}
+_WHAT = {
+    "file descriptors": "too many open files", "processes": "no more processes",
+    "memory": "out of memory", "disk space": "no space left on the device",
+}
+
+
+def _check_fd_headroom(kernel_id: str) -> None:
+    """Refuse a start at once when the fd limit is (nearly) reached.
+
+    At the limit, ZeroMQ fails to connect silently and retries forever; a
+    start would wait its whole startup timeout for a kernel it cannot reach.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except FileNotFoundError:  # no /proc: nothing to measure with
+        return
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            used = soft
+        else:
+            return
+    if soft != resource.RLIM_INFINITY and soft - used < _FDS_PER_START:
+        raise ResourceExhaustedError(
+            f"kernel {kernel_id} not started: too many open files ({used} in use, the "
+            f"limit is {soft}; a start needs about {_FDS_PER_START} more)",
+            resource="file descriptors", errno=errno.EMFILE)
+
+
+def _exhaustion(kernel_id: str, exc: BaseException) -> ResourceExhaustedError | None:
+    """The resource a failed start ran out of, if that is what ``exc`` (or its cause) says."""
+    seen: BaseException | None = exc
+    path = exc.path if isinstance(exc, ConnectionFileError) else None
+    while seen is not None:
+        code = getattr(seen, "errno", None)
+        if isinstance(code, int) and code in _EXHAUSTED:
+            what = _EXHAUSTED[code]
+            if isinstance(seen, OSError) and seen.filename:
+                path = str(seen.filename)
+            where = f" ({path})" if path else ""
+            return ResourceExhaustedError(
+                f"kernel {kernel_id} not started: {_WHAT[what]}{where}: {seen}",
+                resource=what, errno=code)
+        if isinstance(seen, KernelStartupError) and "Too many open files" in seen.stderr_tail:
+            return ResourceExhaustedError(
+                f"kernel {kernel_id} not started: the kernel ran out of file descriptors "
+                f"(too many open files)\n{seen.stderr_tail}",
+                resource="file descriptors", errno=errno.EMFILE)
+        seen = seen.__cause__
+    return None
+
+
 class _PortClash(Exception):
-    pass
+    """A launch found one of its ports taken (by the kernel's stderr or the exit)."""
+
+    def __init__(self, channel: str | None, port: int | None, tail: str = "") -> None:
+        super().__init__(channel, port)
+        self.channel = channel
+        self.port = port
+        self.tail = tail
+
+
+def _find_clash(stderr: bytes, info: ConnectionInfo) -> _PortClash | None:
+    """The port clash a kernel's stderr reports, naming the channel when it can."""
+    if _PORT_CLASH not in stderr:
+        return None
+    channel: str | None = None
+    port: int | None = None
+    for match in _BIND_ERROR.finditer(stderr):
+        url = match.group("url").decode("utf-8", "replace")
+        suffix = url.rsplit(":" if url.startswith("tcp") else "-", 1)[-1]
+        if suffix.isdigit():
+            port = int(suffix)
+            channel = next((c for c in CHANNELS if info.port(c) == port), None)
+    return _PortClash(channel, port)
 
 
 # -- the actor ------------------------------------------------------------------
@@ -352,10 +456,14 @@ class KernelActor(Actor):
         self._iopub_task: asyncio.Task[None] | None = None
         self._iopub_seen = asyncio.Event()
         self._abort = asyncio.Event()
+        self._cancel = asyncio.Event()  # the asker of the running start went away
+        self._starting: object | None = None  # the Start/Restart being handled
         self._pending_shutdowns = 0
         self._hurry = asyncio.Event()
         self._pending_kills = 0
         self._spec: KernelSpec | None = None
+        self._ports: PortReservation | None = None  # held until the kernel is gone for good
+        self._hb_echoed = False
         self._log = log.bind(kernel_id=self.kernel_id, kernel_name=self.options.kernel_name)
         _live.add(self)
 
@@ -407,6 +515,22 @@ class KernelActor(Actor):
         if self.state != "exited":
             self.state = "shutdown"
 
+    def on_ask_cancelled(self, msg: object) -> None:
+        if isinstance(msg, (Start, Restart)) and msg is self._starting:
+            self.cancel_start()
+
+    def skip_cancelled(self, msg: object) -> bool:
+        return isinstance(msg, (Start, Restart))
+
+    def cancel_start(self) -> None:
+        """Cut the running start or restart short, if one runs; on the loop.
+
+        For owners whose own asker went away (a Supervisor whose caller was
+        cancelled): the start fails "cancelled" after killing what it began.
+        """
+        if self._starting is not None:
+            self._cancel.set()
+
     def on_abandon(self) -> None:
         """Our loop is gone: kill the process tree, close sockets, remove the files."""
         if self._proc is not None:
@@ -414,16 +538,23 @@ class KernelActor(Actor):
         with contextlib.suppress(RuntimeError):  # a task of a closed loop
             self._close_sockets()
         remove_connection_files(self.connection_file, self.connection_info)
+        self._release_ports()
         self.execution_state = "dead"
         if self.state != "exited":
             self.state = "shutdown"
         self._log.debug("actor.abandoned", reason=self._stop_reason)
 
     async def receive(self, msg: object) -> Any:
-        if isinstance(msg, Start):
-            return await self._start()
-        if isinstance(msg, Restart):
-            return await self._restart(msg)
+        if isinstance(msg, (Start, Restart)):
+            self._cancel.clear()
+            self._starting = msg
+            try:
+                if isinstance(msg, Start):
+                    return await self._start()
+                return await self._restart(msg)
+            finally:
+                self._starting = None
+                self._cancel.clear()
         if isinstance(msg, Shutdown):
             self._pending_shutdowns -= 1
             if not self._pending_shutdowns:
@@ -447,18 +578,38 @@ class KernelActor(Actor):
 
     # -- start -------------------------------------------------------------------
     def _connection(self, fresh: bool, spec: KernelSpec) -> ConnectionInfo:
+        """The ports to launch on, reserved in this process so no other start gets them.
+
+        Given ports (a connection file's, or a restart's) are claimed; if another
+        start of ours holds one, fresh ports are reserved instead.
+        """
         opts = self.options
-        if self.connection_info is not None and not fresh:
-            return self.connection_info
-        curve = self._want_curve(spec)
-        key = self.connection_info.key if self.connection_info is not None else None
+        info = self.connection_info
+        if info is not None and not fresh:
+            if info.transport != "tcp" or self._ports is not None:
+                return info
+            self._ports = claim_ports([info.port(c) for c in CHANNELS])
+            if self._ports is not None:
+                return info
+            self._log.warning("kernel.ports_held_elsewhere", ports=[info.port(c) for c in CHANNELS])
+        self._release_ports()
+        ports: tuple[int, ...] | None = None
+        if opts.transport == "tcp":
+            self._ports = reserve_ports(len(CHANNELS), opts.ip)
+            ports = self._ports.ports
         return new_connection_info(
             ip=opts.ip,
             transport=opts.transport,
-            key=key,
+            key=info.key if info is not None else None,
             kernel_name=spec.name,
-            curve=curve,
+            curve=self._want_curve(spec),
+            ports=ports,
         )
+
+    def _release_ports(self) -> None:
+        if self._ports is not None:
+            self._ports.release()
+            self._ports = None
 
     def _want_curve(self, spec: KernelSpec) -> bool:
         mode = self.options.transport_encryption
@@ -481,20 +632,40 @@ class KernelActor(Actor):
                 f"start of kernel {self.kernel_id} cancelled: a shutdown was requested")
         self.state = "starting"
         try:
+            _check_fd_headroom(self.kernel_id)
             spec = self.options.resolve_spec()
             self._spec = spec
             fresh = self.connection_info is None
-            for attempt in range(self.options.port_retries + 1):
+            attempts = self.options.port_retries + 1
+            clash = _PortClash(None, None)
+            for attempt in range(attempts):
+                if self._cancel.is_set():
+                    raise KernelStartupError(
+                        f"start of kernel {self.kernel_id} cancelled: its asker went away")
                 info = self._connection(fresh, spec)
                 try:
                     return await self._launch_once(spec, info)
-                except _PortClash:
-                    self._log.warning("kernel.port_clash", attempt=attempt + 1)
+                except _PortClash as exc:
+                    clash = exc
+                    self._log.warning("kernel.port_clash", attempt=attempt + 1,
+                                      channel=exc.channel, port=exc.port)
                     fresh = True
-            raise KernelStartupError(
-                f"kernel {self.kernel_id} could not bind its ports after "
-                f"{self.options.port_retries + 1} attempts"
+            where = (f"its {clash.channel} channel on port {clash.port}" if clash.channel
+                     else f"port {clash.port}" if clash.port else "its ports")
+            raise PortInUseError(
+                f"kernel {self.kernel_id} could not bind {where}: the address is in use "
+                f"by another process (after {attempts} attempts on fresh ports)",
+                channel=clash.channel, port=clash.port, attempts=attempts,
+                stderr_tail=clash.tail,
             )
+        except (OSError, zmq.ZMQError, KernelStartupError, ConnectionFileError) as exc:
+            self.state = "exited"
+            if isinstance(exc, ResourceExhaustedError):
+                raise
+            found = _exhaustion(self.kernel_id, exc)
+            if found is not None:
+                raise found from exc
+            raise
         except BaseException:
             self.state = "exited"
             raise
@@ -536,8 +707,10 @@ class KernelActor(Actor):
                 independent=opts.independent,
                 owned_files=[str(p) for p in (self.connection_file, *ipc_paths(info))],
                 contain=contain, limits=limits, label=self.kernel_id,
+                connection_file=str(self.connection_file),
             )
-            launcher = opts.launcher or _default_launcher
+            launcher = choose_launcher(opts.launcher, opts.slurm_options, spec.metadata,
+                                       spec.name)
             proc = launcher.launch(
                 request, lambda status: self.tell(ProcessExited(launched[0], status)))
         except (KernelStartupError, KernelSpecError):
@@ -547,8 +720,13 @@ class KernelActor(Actor):
         self._proc = proc
         self._log = self._log.bind(pid=proc.pid)
         self._log.debug("actor.launched", argv=argv)
+        clash = self._watch_bind_errors(proc, info)
         try:
-            await self._wait_ready(proc, info, opts.startup_timeout)
+            timeout = opts.startup_timeout
+            if isinstance(proc, RemoteHandle):  # the kernel says where it is, once it runs
+                info = await self._wait_remote(proc, info, timeout)
+                timeout = max(0.0, timeout - (time.monotonic() - t0))
+            await self._wait_ready(proc, info, timeout, clash)
         except _PortClash:
             await self._kill_and_reap(proc)
             self._teardown(keep_file=True)
@@ -562,31 +740,92 @@ class KernelActor(Actor):
         self._log.debug("actor.ready", seconds=round(self.started_at - t0, 4))
         return self.kernel_info
 
-    async def _wait_ready(self, proc: ProcessHandle, info: ConnectionInfo, timeout: float) -> None:
-        """Race readiness against the process exiting, a cancel, and the timeout."""
+    async def _wait_remote(self, proc: RemoteHandle, info: ConnectionInfo,
+                           timeout: float) -> ConnectionInfo:
+        """Wait for a remote kernel's address (racing a cancel); rewrite our file with it."""
+        where = asyncio.ensure_future(proc.wait_endpoint(timeout))
+        abort = asyncio.ensure_future(self._abort.wait())
+        gone = asyncio.ensure_future(self._cancel.wait())
+        try:
+            await asyncio.wait({where, abort, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in (where, abort, gone):
+                if not fut.done():
+                    fut.cancel()
+            await asyncio.gather(where, abort, gone, return_exceptions=True)
+        if not where.done() or where.cancelled():
+            why = "its asker went away" if gone.done() and not gone.cancelled() else \
+                "a shutdown was requested"
+            raise KernelStartupError(f"start of kernel {self.kernel_id} cancelled: {why}")
+        endpoint: Endpoint = where.result()
+        data = info.to_dict()
+        data.update({f"{c}_port": int(endpoint.ports[c]) for c in CHANNELS}, ip=endpoint.ip)
+        remote = self.connection_info = ConnectionInfo.from_dict(data)
+        write_connection_file(remote, self.connection_file)
+        self._log = self._log.bind(ip=remote.ip)
+        return remote
+
+    def _watch_bind_errors(
+        self, proc: ProcessHandle, info: ConnectionInfo
+    ) -> asyncio.Future[_PortClash]:
+        """A future set when the starting kernel writes a bind error on stderr.
+
+        ipykernel keeps running when its IOPub or heartbeat port is taken, so
+        the exit alone does not tell; its traceback does, at once.
+        """
+        found: asyncio.Future[_PortClash] = asyncio.get_running_loop().create_future()
+        seen = bytearray()
+
+        def listen(chunk: bytes) -> None:
+            if found.done():
+                return
+            seen.extend(chunk)
+            del seen[:-16384]
+            clash = _find_clash(bytes(seen), info)
+            if clash is not None:
+                clash.tail = proc.stderr_tail()
+                found.set_result(clash)
+
+        proc.stderr_listener = listen
+        return found
+
+    async def _wait_ready(
+        self, proc: ProcessHandle, info: ConnectionInfo, timeout: float,
+        clash: asyncio.Future[_PortClash],
+    ) -> None:
+        """Race readiness against the process exiting, a bind error, a cancel, the timeout."""
         self._open_sockets(info)
         shell = connect_channel(self._ctx, info, "shell")
         try:
-            ready: asyncio.Future[Any] = asyncio.ensure_future(self._handshake(shell))
+            ready: asyncio.Future[Any] = asyncio.ensure_future(self._prove_ready(shell, info))
             exited: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(proc.exited))
             abort: asyncio.Future[Any] = asyncio.ensure_future(self._abort.wait())
+            bind: asyncio.Future[Any] = asyncio.ensure_future(asyncio.shield(clash))
+            gone: asyncio.Future[Any] = asyncio.ensure_future(self._cancel.wait())
+            racers = (ready, exited, abort, bind, gone)
             try:
                 done, _ = await asyncio.wait(
-                    {ready, exited, abort}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    racers, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
             finally:
-                for fut in (ready, exited, abort):
+                proc.stderr_tail()  # whatever the kernel wrote before its reply is seen now
+                proc.stderr_listener = None
+                for fut in racers:
                     if not fut.done():
                         fut.cancel()
-                await asyncio.gather(ready, exited, abort, return_exceptions=True)
+                await asyncio.gather(*racers, return_exceptions=True)
+            if clash.done():  # even beside a reply: a channel may belong to someone else
+                raise clash.result()
             if ready in done and ready.exception() is None:
                 return
             if exited in done or not proc.running:
                 status = await proc.cleanup()
                 self.last_exit = status
                 tail = proc.stderr_tail()
-                if _PORT_CLASH in tail:
-                    raise _PortClash()
+                found = _find_clash(tail.encode(), info)
+                if found is not None:
+                    found.tail = tail
+                    raise found
                 raise KernelStartupError(
                     f"kernel {self.kernel_id} died while starting ({status.describe()})",
                     exit_code=status.exit_code, signal=status.signal, stderr_tail=tail,
@@ -595,6 +834,9 @@ class KernelActor(Actor):
                 raise KernelStartupError(
                     f"start of kernel {self.kernel_id} cancelled: a shutdown was requested"
                 )
+            if gone in done:
+                raise KernelStartupError(
+                    f"start of kernel {self.kernel_id} cancelled: its asker went away")
             if ready in done:  # the handshake itself failed
                 exc = ready.exception()
                 assert exc is not None
@@ -603,11 +845,34 @@ class KernelActor(Actor):
                 f"kernel {self.kernel_id} was not ready within {timeout} s "
                 f"(kernel_info_reply {'received' if self.kernel_info else 'not received'}, "
                 f"IOPub {'live' if self._iopub_seen.is_set() else 'silent'}, "
+                f"heartbeat {'echoed' if self._hb_echoed else 'silent'}, "
                 f"{self.dropped} message(s) dropped)",
                 stderr_tail=proc.stderr_tail(), timed_out=True,
             )
         finally:
             shell.close(linger=0)
+
+    async def _prove_ready(self, shell: zmq.asyncio.Socket, info: ConnectionInfo) -> None:
+        """Shell answers (signed with our key), IOPub is live, and the heartbeat echoes."""
+        self._hb_echoed = False
+        hb = connect_channel(self._ctx, info, "hb")
+        proofs = [asyncio.ensure_future(self._handshake(shell)),
+                  asyncio.ensure_future(self._echo(hb))]
+        try:
+            await asyncio.gather(*proofs)
+        finally:
+            for proof in proofs:
+                proof.cancel()
+            await asyncio.gather(*proofs, return_exceptions=True)
+            hb.close(linger=0)
+
+    async def _echo(self, hb: zmq.asyncio.Socket) -> None:
+        token = b"ks-ready-" + uuid.uuid4().hex.encode()
+        await hb.send(token)
+        if await hb.recv() != token:
+            raise KernelStartupError(
+                f"kernel {self.kernel_id}: its heartbeat port answered with something else")
+        self._hb_echoed = True
 
     async def _handshake(self, shell: zmq.asyncio.Socket) -> None:
         session = self._session
@@ -649,9 +914,14 @@ class KernelActor(Actor):
         """Track readiness proof, execution_state and last_activity."""
         session = self._session
         assert session is not None
-        with contextlib.suppress(asyncio.CancelledError, zmq.ZMQError):
+        with contextlib.suppress(asyncio.CancelledError):
             while True:
-                msg = await self._recv_verified(sock, session)
+                try:
+                    msg = await self._recv_verified(sock, session)
+                except zmq.ZMQError as exc:
+                    if not sock.closed:  # a watcher that ends leaves readiness unproven
+                        self._log.warning("kernel.iopub_watch_failed", error=str(exc))
+                    return
                 self.last_activity = time.monotonic()
                 self._iopub_seen.set()
                 if msg.msg_type == "status":
@@ -778,6 +1048,7 @@ class KernelActor(Actor):
             self._proc.close()
         if not keep_file:
             remove_connection_files(self.connection_file, self.connection_info)
+            self._release_ports()
 
     # -- restart -----------------------------------------------------------------
     async def _restart(self, msg: Restart) -> dict[str, Any]:

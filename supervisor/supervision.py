@@ -42,6 +42,7 @@ from supervisor.children import (
     ACTIVE,
     STRATEGIES,
     AddSupervisor,
+    CancelStart,
     Child,
     DoRestart,
     Op,
@@ -146,13 +147,7 @@ class Supervision(Actor):
 
 
     async def shutdown_all(self, now: bool = False) -> None:
-        """Stop every child, cancelling pending restarts; reverse start order (from a
-        caller that cannot reach our loop: every kernel killed from here)."""
-        if self.actor_state in ("running", "stopping") and self.unreachable() is not None:
-            for kernel_id in list(self._children):
-                self._abandon_child_if_unreachable(kernel_id)
-            return
-
+        """Stop every child, cancelling pending restarts; reverse start order."""
         async def shutdown_all() -> None:
             done: asyncio.Future[None] = await self.ask(ShutdownAll(now))
             await done
@@ -187,41 +182,44 @@ class Supervision(Actor):
     # == message handling ================================================================
     async def _op(self, kernel_id: str, op: str, **args: Any) -> None:
         async def op_here() -> None:
-            done: asyncio.Future[None] = await self.ask(Op(kernel_id, op, args))
-            await done
+            if op != "restart":
+                done: asyncio.Future[None] = await self.ask(Op(kernel_id, op, args))
+                await done  # a cancelled wait leaves the operation running to its end
+                return
+            asked = self.ask(Op(kernel_id, op, args))
+            try:
+                done = await asyncio.shield(asked)
+                await asyncio.shield(done)
+            except asyncio.CancelledError:
+                if not asked.done():
+                    asked.cancel()  # not taken yet: skipped
+                    raise
+                if asked.cancelled() or asked.exception() is not None:
+                    raise
+                # The caller went away: the restart's start is cut short; we return
+                # once the kernel it began is gone.
+                done = asked.result()
+                self.tell(CancelStart(kernel_id))
+                with contextlib.suppress(Exception):
+                    await done
+                raise
 
         await self.call(op_here)
 
-    def _on_own_loop(self) -> bool:
-        try:
-            return asyncio.get_running_loop() is self.loop.asyncio_loop  # type: ignore[attr-defined]
-        except RuntimeError:
-            return False
+    def skip_cancelled(self, msg: object) -> bool:
+        # A start or restart nobody waits for any more is not begun.
+        return isinstance(msg, StartChild) or (isinstance(msg, Op) and msg.op == "restart")
 
-    def _abandon_child_if_unreachable(self, kernel_id: str) -> bool:
-        """From a caller that cannot reach our loop (closed, or not running): kill the
-        child's process group and remove its files from here. True if done so."""
-        if self.actor_state not in ("running", "stopping"):
-            return False
-        why = self.unreachable()
-        if why is None:
-            return False
-        child = self._children.pop(kernel_id, None)
-        if child is None:
-            return True  # nothing of it left; a shutdown of a gone kernel is quiet
-        self._log.debug("kernel.abandoned", kernel_id=kernel_id, reason=why)
-        child.actor.abandon(f"shut down from elsewhere: {why}")
-        return True
-
-    def on_abandon(self) -> None:
-        """Our loop is gone: every child (kernel or nested supervisor) is abandoned too."""
-        if self._culler is not None:
-            with contextlib.suppress(RuntimeError):
-                self._culler.stop()
-        for child in sorted(self._children.values(), key=lambda c: -c.order):
-            child.actor.abandon(f"{self.name} abandoned: {self._stop_reason}")
-        self._children.clear()
-        self._events.close()
+    def _on_cancel_start(self, msg: CancelStart) -> None:
+        """The caller of a start went away: the start is cut short (see kernel.py's table)."""
+        child = self._children.get(msg.kernel_id)
+        if child is None or child.status not in ("starting", "restarting"):
+            return
+        if msg.epoch is not None and msg.epoch != child.epoch:
+            return
+        child.cancelled = True
+        if isinstance(child.actor, KernelActor):
+            child.actor.cancel_start()
 
     async def receive(self, msg: object) -> Any:
         if isinstance(msg, StartChild):
@@ -234,6 +232,8 @@ class Supervision(Actor):
             return self._on_do_restart(msg)
         if isinstance(msg, Op):
             return self._on_op(msg)
+        if isinstance(msg, CancelStart):
+            return self._on_cancel_start(msg)
         if isinstance(msg, OpDone):
             return self._on_op_done(msg)
         if isinstance(msg, ShutdownAll):
@@ -313,6 +313,7 @@ class Supervision(Actor):
         child.epoch += 1
         child.status = "starting" if kind == "start" else "restarting"
         child.deferred_exit = None
+        child.cancelled = False
         epoch = child.epoch
         waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         # Automatic restarts have no caller: mark a failure as seen so asyncio does
@@ -324,6 +325,9 @@ class Supervision(Actor):
             error: BaseException | None = None
             try:
                 async with self._gate.slot(priority):
+                    if child.cancelled and child.epoch == epoch:
+                        raise KernelStartupError(
+                            f"start of kernel {child.kernel_id} cancelled: its caller went away")
                     result = await child.actor.ask(request)
                     if isinstance(result, asyncio.Future):  # a nested supervisor's revival
                         await result
@@ -554,6 +558,8 @@ class Supervision(Actor):
             except Exception as exc:
                 error = exc
             self.tell(OpDone(child.kernel_id, epoch, msg.op, error, args))
+            if done.done():  # the caller went away
+                return
             if error is not None:
                 done.set_exception(error)
             else:
@@ -582,6 +588,13 @@ class Supervision(Actor):
                     child.status = "ready"
                     child.history = child.history.started(self._clock())
                     self._settle_waiters(child)
+            elif current and child.cancelled:
+                # Its caller went away: the kernel stays stopped (no policy decision),
+                # known and startable again, as after a shutdown kept for a later start.
+                child.status = "stopped"
+                self._fail_waiters(child, msg.error)
+                self._emit("shutdown", child, reason="restart cancelled: its caller went away",
+                           manual=True)
             elif current:
                 child.status = "exited"
                 self._fail_waiters(child, msg.error)

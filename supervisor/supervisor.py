@@ -19,13 +19,20 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from supervisor.children import STRATEGIES, AddSupervisor, StartChild, SupervisorStatistics
+from supervisor.children import (
+    STRATEGIES,
+    AddSupervisor,
+    CancelStart,
+    StartChild,
+    SupervisorStatistics,
+)
 from supervisor.client import KernelClient
 from supervisor.connection import ConnectionInfo
 from supervisor.errors import (
     ConfigurationError,
     KernelDeadError,
     KernelStateError,
+    SupervisorError,
 )
 from supervisor.events import KernelEvent, Listener
 from supervisor.kernel import (
@@ -71,6 +78,16 @@ class Supervisor(Pooled):
             self.stop("closed")
         await self.join()
 
+    async def shutdown_all(self, now: bool = False) -> None:
+        """Stop every child, cancelling pending restarts; reverse start order. From a
+        caller that cannot reach our loop (closed, not running): every kernel is
+        killed and its files removed from here."""
+        if self.actor_state in ("running", "stopping") and self.unreachable() is not None:
+            for kernel_id in list(self._children):
+                self._abandon_child_if_unreachable(kernel_id)
+            return
+        await super().shutdown_all(now)
+
     async def start_kernel(
         self,
         kernel_name: str | None = None,
@@ -98,8 +115,28 @@ class Supervisor(Pooled):
                           connection_file=None if conn_file is None else str(conn_file))
 
         async def start() -> str:
-            ready: asyncio.Future[str] = await self.ask(msg)
-            return await ready
+            asked = self.ask(msg)
+            try:
+                ready: asyncio.Future[str] = await asyncio.shield(asked)
+                return await asyncio.shield(ready)
+            except asyncio.CancelledError:
+                if not asked.done():
+                    asked.cancel()  # not taken yet: the supervisor skips it
+                    raise
+                if asked.cancelled() or asked.exception() is not None:
+                    raise
+                # The caller went away: the start is cut short, and we wait until the
+                # kernel it began is gone (files removed) before saying so.
+                ready = asked.result()
+                self.tell(CancelStart(msg.kernel_id))
+                try:
+                    await ready
+                except Exception:  # the expected "cancelled" failure
+                    pass
+                else:  # it was ready just before: stop it, nobody wants it
+                    with contextlib.suppress(SupervisorError):
+                        await self.shutdown_kernel(msg.kernel_id, now=True)
+                raise
 
         return await self.call(start)
 
@@ -241,6 +278,37 @@ class Supervisor(Pooled):
             raise KernelStateError(f"{self.name} has no child {kernel_id!r}")
         return child.restart_count, child.status
 
+    # == without our loop ==============================================================
+    def _on_own_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self.loop.asyncio_loop  # type: ignore[attr-defined]
+        except RuntimeError:
+            return False
+
+    def _abandon_child_if_unreachable(self, kernel_id: str) -> bool:
+        """From a caller that cannot reach our loop (closed, or not running): kill the
+        child's process group and remove its files from here. True if done so."""
+        if self.actor_state not in ("running", "stopping"):
+            return False
+        why = self.unreachable()
+        if why is None:
+            return False
+        child = self._children.pop(kernel_id, None)
+        if child is None:
+            return True  # nothing of it left; a shutdown of a gone kernel is quiet
+        self._log.debug("kernel.abandoned", kernel_id=kernel_id, reason=why)
+        child.actor.abandon(f"shut down from elsewhere: {why}")
+        return True
+
+    def on_abandon(self) -> None:
+        """Our loop is gone: every child (kernel or nested supervisor) is abandoned too."""
+        if self._culler is not None:
+            with contextlib.suppress(RuntimeError):
+                self._culler.stop()
+        for child in sorted(self._children.values(), key=lambda c: -c.order):
+            child.actor.abandon(f"{self.name} abandoned: {self._stop_reason}")
+        self._children.clear()
+        self._events.close()
 
 
 class KernelHandle:

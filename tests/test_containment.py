@@ -369,7 +369,10 @@ async def test_a_memory_hog_under_rlimit_gets_memory_error(tmp_path: Path) -> No
         kc = s.get_kernel(kid).client()
         kc.start_channels()
         try:
-            reply = await kc.execute("hog = b'x' * (2 << 30)", reply=True, timeout=30)
+            # stop_on_error=False: ipykernel would otherwise abort the next request if it
+            # arrives while it is still handling the error.
+            reply = await kc.execute("hog = b'x' * (2 << 30)", stop_on_error=False, reply=True,
+                                     timeout=30)
             assert reply["content"]["ename"] == "MemoryError"
             reply = await kc.execute("1 + 1", reply=True, timeout=30)
             assert reply["content"]["status"] == "ok"

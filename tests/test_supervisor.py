@@ -320,6 +320,7 @@ async def test_culling_spares_busy_kernels_and_honours_the_spec_override() -> No
         kc = s.get_kernel(busy).client()
         kc.start_channels()
         try:
+            await kc.wait_for_ready(timeout=10)  # our IOPub subscription is live: 'go' arrives
             msg_id = kc.execute("import time\nprint('go', flush=True)\ntime.sleep(30)")
             while True:
                 msg = await kc.get_iopub_msg(timeout=10)

@@ -42,6 +42,7 @@ from supervisor.errors import (
 from supervisor.events import EVENT_KINDS
 from supervisor.kernelspec import find_kernel_specs
 from supervisor.launchers import CONTAIN_MODES, format_bytes, parse_cpu_limit, parse_memory_limit
+from supervisor.launchers.choose import LAUNCHER_NAMES, check_launcher
 from supervisor.supervisor import Supervisor
 
 T = TypeVar("T")
@@ -238,6 +239,37 @@ def containment_options(args: argparse.Namespace) -> dict[str, Any]:
     """The launch options the containment arguments ask for."""
     return {"memory_limit": args.memory_limit, "cpu_limit": args.cpu_limit,
             "contain": args.contain}
+
+
+def slurm_option_arg(text: str) -> tuple[str, str | bool]:
+    """``nodelist=node2`` -> ("nodelist", "node2"); ``exclusive`` -> ("exclusive", True)."""
+    key, sep, value = text.partition("=")
+    if not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key.strip(), value if sep else True
+
+
+def add_launcher_arguments(p: argparse.ArgumentParser) -> None:
+    """``--launcher`` and ``--slurm-option``: where the kernels run (see docs/slurm.md)."""
+    group = p.add_argument_group("launcher (see docs/slurm.md)")
+    group.add_argument("--launcher", choices=LAUNCHER_NAMES, default=None,
+                       help="where kernels run: here (local) or as Slurm job steps (slurm); "
+                            "default: the kernelspec's metadata.launcher, else local")
+    group.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
+                       type=slurm_option_arg,
+                       help="an srun long option for Slurm kernels, e.g. partition=debug, "
+                            "nodelist=node2, time=1:00:00, mem=2G (repeatable; KEY alone "
+                            "for a flag)")
+
+
+def launcher_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The launch options the launcher arguments ask for; a bad one exits with usage."""
+    options = {"launcher": args.launcher, "slurm_options": dict(args.slurm_option) or None}
+    try:
+        check_launcher(options["launcher"], options["slurm_options"])
+    except ConfigurationError as exc:
+        args.parser.error(str(exc))
+    return options
 
 
 def human_bytes(size: int | None) -> str:

@@ -19,9 +19,11 @@ from supervisor.cli._common import (
     Context,
     Stopped,
     add_containment_arguments,
+    add_launcher_arguments,
     containment_options,
     execute,
     kill_now,
+    launcher_options,
     log,
     race,
     resolve,
@@ -52,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--startup-timeout", type=seconds_arg, default=60.0, metavar="S",
                    help="seconds the kernel may take to start (default 60)")
     add_containment_arguments(p)
+    add_launcher_arguments(p)
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
@@ -73,7 +76,7 @@ async def _run(args: argparse.Namespace, code: str, forward_stderr: bool) -> int
     sup = Supervisor(policy=RestartPolicy.never(), name="run")
     km = AsyncKernelManager(args.kernel, autorestart=False, supervisor=sup,
                             forward_stderr=forward_stderr, startup_timeout=args.startup_timeout,
-                            **containment_options(args))
+                            **containment_options(args), **launcher_options(args))
     kc: KernelClient | None = None
     running = now = False
     interrupts = 0

@@ -23,6 +23,7 @@ from supervisor.cli._common import (
     Console,
     Context,
     add_containment_arguments,
+    add_launcher_arguments,
     containment_options,
     count_arg,
     delay_arg,
@@ -31,6 +32,7 @@ from supervisor.cli._common import (
     human_seconds,
     isatty,
     kill_now,
+    launcher_options,
     log,
     seconds_arg,
     signal_name,
@@ -85,6 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_containment_arguments(p)
     p.add_argument("--startup-timeout", type=seconds_arg, default=60.0, metavar="S",
                    help="seconds a kernel may take to start (default 60)")
+    add_launcher_arguments(p)
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
@@ -117,6 +120,7 @@ class _Supervise:
             warm={args.kernel: args.warm} if args.warm else None,
             launch=LaunchOptions(kernel_name=args.kernel, forward_stderr=forward_stderr,
                                  startup_timeout=args.startup_timeout,
+                                 **launcher_options(args),
                                  **containment_options(args)),
             rng=random.Random(self.rng.random()))
         self.rows: dict[str, list[Any]] = {}  # id -> [last kind, last text, restarts]

@@ -6,6 +6,24 @@
   verifies every message with the client's :class:`~supervisor.wire.Session`
   and keeps good ones in an inbox; :class:`HeartbeatChannel` pings the kernel.
 
+Every inbox is bounded, in messages and in bytes (the frames' sizes):
+:attr:`Channel.max_messages` and :attr:`Channel.max_bytes`, by default
+:data:`IOPUB_LIMITS` for IOPub and :data:`REPLY_LIMITS` for the others. What
+happens when one is full:
+
+* IOPub drops its *oldest* messages (the newest, such as the final ``idle``
+  status, are what a late reader needs) and counts them in
+  :attr:`Channel.overflowed` and the client's ``dropped["overflow"]``.
+* shell, control and stdin stop reading until the consumer takes a message:
+  nothing is dropped by us, and ZeroMQ's high-water mark applies again (the
+  kernel's socket queues, then drops, what we do not read).
+
+Below the inbox, each socket's ZeroMQ receive queue holds at most
+:data:`RCVHWM` messages; beyond that ZeroMQ stops reading the connection and
+the kernel's own send queue (its high-water mark, 1000 by default) takes the
+rest. Stopping a channel empties its inbox and closes its socket, so what it
+held is freed at once.
+
 Both belong to their :class:`~supervisor.client.KernelClient` and to the loop it
 runs on; every method must be called on that loop's thread.
 """
@@ -36,7 +54,16 @@ from supervisor.wire import Message
 if TYPE_CHECKING:
     from supervisor.client.kernelclient import KernelClient
 
-__all__ = ["CHANNELS", "Channel", "HeartbeatChannel", "connect_channel", "next_message"]
+__all__ = [
+    "CHANNELS",
+    "IOPUB_LIMITS",
+    "RCVHWM",
+    "REPLY_LIMITS",
+    "Channel",
+    "HeartbeatChannel",
+    "connect_channel",
+    "next_message",
+]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -44,6 +71,9 @@ Msg = dict[str, Any]
 OutputHook = Callable[[Msg], object]
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
+IOPUB_LIMITS = (4096, 32 << 20)  # (messages, bytes) kept for a reader; then drop oldest
+REPLY_LIMITS = (1024, 32 << 20)  # shell/control/stdin; then stop reading (zmq HWM)
+RCVHWM = 16  # messages ZeroMQ queues in this process per socket before the kernel's side holds them
 _SOCKET_TYPES = {
     "shell": zmq.DEALER, "control": zmq.DEALER, "stdin": zmq.DEALER,
     "iopub": zmq.SUB, "hb": zmq.REQ,
@@ -78,6 +108,8 @@ def connect_channel(
         sock.setsockopt(zmq.RECONNECT_IVL, 10)
         if identity:
             sock.setsockopt(zmq.IDENTITY, identity)
+        if kind != zmq.REQ:
+            sock.setsockopt(zmq.RCVHWM, RCVHWM)
         if kind == zmq.SUB:
             sock.setsockopt(zmq.SUBSCRIBE, b"")
             # ipykernel's XPUB greets each *new* topic only: a second b"" subscriber
@@ -109,11 +141,67 @@ class Channel:
     def __init__(self, client: KernelClient, name: str) -> None:
         self.name = name
         self.socket: zmq.asyncio.Socket | None = None
+        limits = IOPUB_LIMITS if name == "iopub" else REPLY_LIMITS
+        self.max_messages, self.max_bytes = limits
+        self.drop_oldest = name == "iopub"
+        self.overflowed = 0  # messages dropped because the inbox was full (IOPub)
+        self.received = 0  # messages accepted by the reader since the client was made
         self._client = client
         self._items: deque[Msg] = deque()
+        self._sizes: deque[int] = deque()
+        self._bytes = 0
+        self._room = asyncio.Event()  # set while the inbox has room (readers that wait)
+        self._room.set()
         self._waiters: list[asyncio.Future[None]] = []
         self._reader: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Future[Any]] = set()
+
+    # -- the inbox ---------------------------------------------------------
+    @property
+    def buffered(self) -> tuple[int, int]:
+        """(messages, bytes) waiting in the inbox now."""
+        return len(self._items), self._bytes
+
+    def _full(self) -> bool:
+        return len(self._items) >= self.max_messages or self._bytes >= self.max_bytes
+
+    def _push(self, msg: Msg, size: int) -> None:
+        self.received += 1
+        if self.drop_oldest:
+            while self._items and (len(self._items) >= self.max_messages
+                                   or self._bytes + size > self.max_bytes):
+                self._items.popleft()
+                self._bytes -= self._sizes.popleft()
+                self.overflowed += 1
+                self._client.dropped["overflow"] += 1
+        self._items.append(msg)
+        self._sizes.append(size)
+        self._bytes += size
+        if self._full():
+            self._room.clear()
+
+    def _pop(self) -> Msg:
+        msg = self._items.popleft()
+        self._bytes -= self._sizes.popleft()
+        if not self._full():
+            self._room.set()
+        return msg
+
+    def _unpop(self, msgs: Sequence[Msg]) -> None:
+        """Put messages taken by :func:`next_message` back at the front (sizes estimated)."""
+        for msg in reversed(msgs):
+            size = len(str(msg.get("content", "")))
+            self._items.appendleft(msg)
+            self._sizes.appendleft(size)
+            self._bytes += size
+        if self._full():
+            self._room.clear()
+
+    def _clear(self) -> None:
+        self._items.clear()
+        self._sizes.clear()
+        self._bytes = 0
+        self._room.set()
 
     def _start(self, sock: zmq.asyncio.Socket) -> None:
         self.socket = sock
@@ -126,11 +214,14 @@ class Channel:
         if self.socket is not None:
             self.socket.close(linger=0)
             self.socket = None
+        self._clear()
         self._wake()
 
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
         session = self._client.session
         while True:
+            if not self.drop_oldest and not self._room.is_set():
+                await self._room.wait()  # the consumer is behind: let ZeroMQ's HWM apply
             try:
                 frames = await sock.recv_multipart()
             except zmq.ZMQError as exc:
@@ -143,7 +234,7 @@ class Channel:
             except WireError as exc:
                 self._client._dropped(self.name, exc)
                 continue
-            self._items.append(msg.to_dict())
+            self._push(msg.to_dict(), sum(len(f) for f in frames))
             self._wake()
 
     def _wake(self) -> None:
@@ -169,7 +260,7 @@ class Channel:
     def get_msgs(self) -> list[Msg]:
         """Every message waiting now, without waiting for more."""
         out = list(self._items)
-        self._items.clear()
+        self._clear()
         return out
 
     def send(self, msg: Message | Mapping[str, Any]) -> None:
@@ -202,7 +293,7 @@ async def next_message(
     while True:
         for channel in channels:
             if channel._items:
-                return channel, channel._items.popleft()
+                return channel, channel._pop()
         for channel in channels:
             if not channel.is_alive():
                 raise KernelStateError(f"the {channel.name} channel is not running")

@@ -260,7 +260,7 @@ class KernelClient:
                     kept.append(got[1])
             return reply
         finally:
-            shell._items.extendleft(reversed(kept))
+            shell._unpop(kept)
 
     # -- requests ----------------------------------------------------------
     def _request(

@@ -36,6 +36,9 @@ A :class:`ProcessHandle` offers:
                             supervisor (culled)") and ``tree_ended``;
                             idempotent; ``final`` holds it afterwards
 ``stderr_tail()``           the last lines the kernel wrote to stderr
+``stderr_listener``         None, or a callable the handle calls on the loop
+                            with each chunk of stderr it reads (a start
+                            watches for bind errors through it)
 ``wait(timeout)``, ``close()``
 ==========================  ==================================================
 
@@ -87,11 +90,13 @@ from __future__ import annotations
 
 from supervisor.launchers.base import (
     CONTAIN_MODES,
+    Endpoint,
     ExitStatus,
     Launcher,
     LaunchRequest,
     Limits,
     ProcessHandle,
+    RemoteHandle,
     Resources,
     format_bytes,
     parse_cpu_limit,
@@ -102,6 +107,7 @@ from supervisor.launchers.reaper import reaper_pid
 
 __all__ = [
     "CONTAIN_MODES",
+    "Endpoint",
     "ExitStatus",
     "LaunchRequest",
     "Launcher",
@@ -109,6 +115,7 @@ __all__ = [
     "LocalLauncher",
     "LocalProcess",
     "ProcessHandle",
+    "RemoteHandle",
     "Resources",
     "format_bytes",
     "parse_cpu_limit",

@@ -17,11 +17,13 @@ from supervisor.errors import ConfigurationError
 
 __all__ = [
     "CONTAIN_MODES",
+    "Endpoint",
     "ExitStatus",
     "LaunchRequest",
     "Launcher",
     "Limits",
     "ProcessHandle",
+    "RemoteHandle",
     "Resources",
     "format_bytes",
     "parse_cpu_limit",
@@ -194,6 +196,7 @@ class LaunchRequest:
     contain: str = "auto"
     limits: Limits = field(default_factory=Limits)
     label: str = ""
+    connection_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.contain not in CONTAIN_MODES:
@@ -212,6 +215,7 @@ class ProcessHandle(Protocol):
     exited: asyncio.Future[ExitStatus]
     final: ExitStatus | None
     method: str
+    stderr_listener: Callable[[bytes], None] | None
 
     @property
     def running(self) -> bool: ...
@@ -237,6 +241,30 @@ class ProcessHandle(Protocol):
     def close(self) -> None: ...
 
     def abandon(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a remote kernel listens: its node's address and one port per channel."""
+
+    ip: str
+    ports: Mapping[str, int]
+
+
+@runtime_checkable
+class RemoteHandle(ProcessHandle, Protocol):
+    """A handle whose kernel runs elsewhere and says where once it runs (Slurm).
+
+    ``wait_endpoint(timeout)`` returns the address and ports the kernel bound
+    on its node (the key stays ours), or raises
+    :class:`~supervisor.errors.KernelStartupError` when the job ends first or
+    ``timeout`` passes (the launcher then has already cancelled it).
+    ``describe_state()`` says where the launch is ("pending: Resources").
+    """
+
+    async def wait_endpoint(self, timeout: float) -> Endpoint: ...
+
+    def describe_state(self) -> str: ...
 
 
 class Launcher(Protocol):

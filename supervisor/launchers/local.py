@@ -171,6 +171,9 @@ class LocalProcess:
         self._forward = request.forward_stderr
         self._on_exit = on_exit
         self._tail = bytearray()
+        # Called on the loop with each chunk read from stderr (the kernel actor
+        # reads a start's bind errors through it).
+        self.stderr_listener: Callable[[bytes], None] | None = None
         self._stderr_fd: int | None = None
         self._pidfd: int | None = None
         self._cgroup = cgroup
@@ -470,6 +473,8 @@ class LocalProcess:
             self._tail += chunk
             if len(self._tail) > _TAIL_BYTES:
                 del self._tail[: len(self._tail) - _TAIL_BYTES]
+            if self.stderr_listener is not None:
+                self.stderr_listener(chunk)
             if self._forward:
                 try:
                     sys.stderr.write(chunk.decode("utf-8", "replace"))
