@@ -265,3 +265,18 @@ async def test_tls_serves_https_and_wss(tmp_path: Path) -> None:
         _, seen = await execute(ws, "print('secure')")
         assert stdout_of(seen) == "secure\n"
         await close_all(ws)
+
+
+async def test_base_url_prefixes_every_endpoint() -> None:
+    """With base_url=/kg/ the API, Location and resource URLs live under it, and nothing outside it answers."""
+    async with gateway(base_url="/kg") as gw:
+        assert gw.url.endswith("/kg/")
+        resp = await gw.fetch("POST", "api/kernels", {"name": "fake"})
+        assert resp.code == 201
+        assert resp.headers["Location"].startswith("/kg/api/kernels/")
+        specs = await gw.json("GET", "api/kernelspecs")
+        assert specs["kernelspecs"]["fake"]["resources"]["logo-64x64"].startswith("/kg/kernelspecs/")
+        outside = await gw.http.fetch(HTTPRequest(gw.url.replace("/kg/", "/api"),
+                                                  headers={"Authorization": f"token {TOKEN}"}),
+                                      raise_error=False)
+        assert outside.code == 404
