@@ -101,6 +101,8 @@ class Pooled(Supervision):
                 continue
             if actor.execution_state == "busy" and not self.cull_busy:
                 continue
+            if self.cull_spare is not None and self.cull_spare(child.kernel_id):
+                continue
             idle = now - actor.last_activity
             if idle < timeout:
                 continue

@@ -96,6 +96,7 @@ class Supervision(Actor):
         cull_idle_timeout: float = 0.0,
         cull_interval: float = 300.0,
         cull_busy: bool = False,
+        cull_spare: Callable[[str], bool] | None = None,
         launch: LaunchOptions | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -128,6 +129,9 @@ class Supervision(Actor):
         self.cull_idle_timeout = float(cull_idle_timeout)
         self.cull_interval = float(cull_interval)
         self.cull_busy = cull_busy
+        # A predicate of a kernel id: True spares that kernel from a cull round
+        # (the gateway spares kernels with connected clients).
+        self.cull_spare = cull_spare
         self._clock = clock
         self._rng = rng or random.Random()
         self._gate = StartGate(max_concurrent_starts)

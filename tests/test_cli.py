@@ -24,7 +24,7 @@ from supervisor.manager import KernelManager
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 20.0  # seconds any one CLI invocation may take here
-COMMANDS = ["kernelspecs", "run", "supervise", "connect", "bench"]
+COMMANDS = ["kernelspecs", "run", "supervise", "connect", "gateway", "bench"]
 
 
 def runtime(tmp_path: Path) -> Path:

@@ -11,7 +11,7 @@ import supervisor
 PACKAGE = Path(supervisor.__file__).parent
 LAYERS = ["errors", "wire", "connection", "kernelspec", "launchers", "process", "actor", "client",
           "kernel", "policy", "events", "startgate", "children", "supervision", "pool", "supervisor",
-          "manager", "cli"]
+          "manager", "gateway", "cli"]
 
 
 def test_all_lists_exactly_the_public_names() -> None:

@@ -1,6 +1,6 @@
 """The ``kernel-supervisor`` command line (also ``python -m supervisor``).
 
-Commands: ``kernelspecs``, ``run``, ``supervise``, ``connect`` and ``bench``, one
+Commands: ``kernelspecs``, ``run``, ``supervise``, ``connect``, ``gateway`` and ``bench``, one
 module each in this package; ``kernel-supervisor COMMAND --help`` describes each
 one. A command module has ``NAME``, ``SUMMARY``, ``DESCRIPTION``,
 ``add_arguments(parser)`` and ``run(args, context) -> exit status``.
@@ -31,14 +31,14 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from supervisor import __version__
-from supervisor.cli import bench, connect, kernelspecs, run, supervise
+from supervisor.cli import bench, connect, gateway, kernelspecs, run, supervise
 from supervisor.cli._common import LEVELS, Console, Context, configure_logging, error_line
 from supervisor.errors import SupervisorError
 
 __all__ = ["build_parser", "main"]
 
 COMMANDS: dict[str, ModuleType] = {m.NAME: m for m in (kernelspecs, run, supervise, connect,
-                                                       bench)}
+                                                       gateway, bench)}
 
 
 def build_parser(prog: str = "kernel-supervisor") -> argparse.ArgumentParser:
