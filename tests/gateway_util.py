@@ -103,9 +103,10 @@ async def gateway(**kw: Any) -> AsyncIterator[Gw]:
     kw.setdefault("token", TOKEN)
     kw.setdefault("default_kernel_name", "fake")
     policy = kw.pop("policy", None) or RestartPolicy(max_restarts=3, within_seconds=60)
+    launch = kw.pop("launch", None)
     settings = GatewaySettings(ip="127.0.0.1", port=0, **kw)
     http = AsyncHTTPClient(force_instance=True)
-    server = Server(settings, policy=policy)
+    server = Server(settings, policy=policy, launch=launch)
     await server.start()
     try:
         yield Gw(server, http)

@@ -498,3 +498,23 @@ def test_cli_run_executes_code_on_the_chosen_node() -> None:
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "node1"
+
+
+async def test_the_gateway_serves_slurm_kernels() -> None:
+    """A gateway whose kernels are Slurm job steps on node2: POST /api/kernels starts one there,
+    its WebSocket runs code on node2, DELETE ends the job (the autouse check: nothing left)."""
+    from gateway_util import close_all, execute, gateway, stdout_of
+
+    launch = QUIET.replace(launcher="slurm", slurm_options={"nodelist": "node2"})
+    async with gateway(default_kernel_name="python3", launch=launch) as gw:
+        kid = await gw.new_kernel("python3")
+        assert len(our_jobs()) == 1
+        ws = await gw.ws(kid)
+        try:
+            reply, seen = await execute(ws, "import os; print(os.environ['SLURMD_NODENAME'])")
+            assert reply["content"]["status"] == "ok"
+            assert stdout_of(seen) == "node2\n"
+        finally:
+            await close_all(ws)
+        await gw.json("DELETE", f"api/kernels/{kid}", expect=204)
+        assert wait_until(lambda: not our_jobs(), 20)

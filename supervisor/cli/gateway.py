@@ -18,9 +18,17 @@ import os
 import sys
 from typing import Any
 
-from supervisor.cli._common import Context, seconds_arg
+from supervisor.cli._common import (
+    Context,
+    add_containment_arguments,
+    add_launcher_arguments,
+    containment_options,
+    launcher_options,
+    seconds_arg,
+)
 from supervisor.errors import ConfigurationError
 from supervisor.gateway import GatewaySettings, Server, serve, settings_from_env
+from supervisor.kernel import LaunchOptions
 
 NAME = "gateway"
 SUMMARY = "serve kernels to JupyterLab / jupyter_server (--gateway-url)"
@@ -97,6 +105,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     kern.add_argument("--replay-window", type=seconds_arg, metavar="S",
                       help="how long a disconnected client may come back and get the IOPub "
                            "it missed (default 120)")
+    add_containment_arguments(p)
+    add_launcher_arguments(p)
 
 
 def settings_from(args: argparse.Namespace, environ: dict[str, str]) -> GatewaySettings:
@@ -143,7 +153,9 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         settings = settings_from(args, dict(os.environ))
     except ConfigurationError as exc:
         args.parser.error(str(exc))
+    launch = LaunchOptions(forward_stderr=ctx.forward_stderr, **containment_options(args),
+                           **launcher_options(args))
     os.environ.pop("KG_AUTH_TOKEN", None)  # kernels inherit our environment: not the token
-    code = asyncio.run(serve(settings, on_ready=_announce))
+    code = asyncio.run(serve(settings, on_ready=_announce, launch=launch))
     sys.stdout.flush()
     return code

@@ -23,6 +23,7 @@ from tornado.netutil import bind_sockets
 from supervisor._log import get_logger
 from supervisor.gateway.app import GatewayApp, make_app
 from supervisor.gateway.settings import GatewaySettings
+from supervisor.kernel import LaunchOptions
 from supervisor.policy import RestartPolicy
 from supervisor.supervisor import Supervisor
 
@@ -39,8 +40,10 @@ class Server:
     """
 
     def __init__(self, settings: GatewaySettings, *, policy: RestartPolicy | None = None,
-                 supervisor: Supervisor | None = None) -> None:
+                 supervisor: Supervisor | None = None,
+                 launch: LaunchOptions | None = None) -> None:
         self.settings = settings
+        self._launch = launch
         self._own_supervisor = supervisor is None
         self.supervisor = supervisor
         self._policy = policy
@@ -55,7 +58,8 @@ class Server:
             self.supervisor = Supervisor(
                 policy=self._policy or RestartPolicy(), max_kernels=s.max_kernels,
                 warm=s.prespawn, cull_idle_timeout=s.cull_idle_timeout,
-                cull_interval=s.cull_interval, cull_busy=s.cull_busy, name="gateway")
+                cull_interval=s.cull_interval, cull_busy=s.cull_busy, launch=self._launch,
+                name="gateway")
         if self.supervisor.actor_state == "new":
             self.supervisor.start()
         self.app = make_app(self.supervisor, s)
@@ -101,8 +105,13 @@ class Server:
 
 
 async def serve(settings: GatewaySettings, *, on_ready: Callable[[Server], Any] | None = None,
-                stop: asyncio.Event | None = None, policy: RestartPolicy | None = None) -> int:
-    """Run a gateway until SIGTERM/SIGINT (or ``stop``); every kernel is shut down; 0."""
+                stop: asyncio.Event | None = None, policy: RestartPolicy | None = None,
+                launch: LaunchOptions | None = None) -> int:
+    """Run a gateway until SIGTERM/SIGINT (or ``stop``); every kernel is shut down; 0.
+
+    ``launch`` are the kernels' default launch options (launcher, containment,
+    limits), e.g. ``LaunchOptions(launcher="slurm", slurm_options={...})``.
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     handled: list[signal.Signals] = []
@@ -111,7 +120,7 @@ async def serve(settings: GatewaySettings, *, on_ready: Callable[[Server], Any] 
             loop.add_signal_handler(signum, stop.set)
             handled.append(signum)
     try:
-        async with Server(settings, policy=policy) as server:
+        async with Server(settings, policy=policy, launch=launch) as server:
             if on_ready is not None:
                 on_ready(server)
             await stop.wait()
