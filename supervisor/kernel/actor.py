@@ -41,18 +41,13 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import dataclasses
-import errno
 import os
-import re
-import resource
 import signal as _signal
 import subprocess
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -84,41 +79,38 @@ from supervisor.errors import (
     ResourceExhaustedError,
     WireError,
 )
-from supervisor.kernelspec import KernelSpec, expand_env, format_kernel_cmd, get_kernel_spec
+from supervisor.kernel.messages import (
+    ChildExited,
+    FinishShutdown,
+    Interrupt,
+    ProcessExited,
+    RequestShutdown,
+    Restart,
+    Shutdown,
+    Signal,
+    Start,
+)
+from supervisor.kernel.options import LaunchOptions
+from supervisor.kernel.startchecks import (
+    _check_fd_headroom,
+    _exhaustion,
+    _find_clash,
+    _PortClash,
+)
+from supervisor.kernelspec import KernelSpec, expand_env, format_kernel_cmd
 from supervisor.launchers import (
-    CONTAIN_MODES,
     Endpoint,
     ExitStatus,
-    Launcher,
     LaunchRequest,
-    Limits,
     ProcessHandle,
     RemoteHandle,
     Resources,
 )
-from supervisor.launchers.choose import check_launcher, choose_launcher
 from supervisor.wire import Message, Session
 
-__all__ = [
-    "ChildExited",
-    "FinishShutdown",
-    "Interrupt",
-    "KernelActor",
-    "LaunchOptions",
-    "ProcessExited",
-    "RequestShutdown",
-    "Restart",
-    "Shutdown",
-    "Signal",
-    "Start",
-]
+__all__ = ["KernelActor"]
 
 log = get_logger("supervisor.kernel")
-
-_PORT_CLASH = b"Address already in use"
-# pyzmq names the endpoint: "Address already in use (addr='tcp://127.0.0.1:5555')"
-_BIND_ERROR = re.compile(rb"Address already in use \(addr='(?P<url>[^']*)'\)")
-_live: weakref.WeakSet[KernelActor] = weakref.WeakSet()
 
 
 @atexit.register
@@ -136,283 +128,11 @@ def _kill_leftovers_at_exit() -> None:
             proc.kill_tree()
         if actor.state != "shutdown":
             remove_connection_files(actor.connection_file, actor.connection_info)
-_ENCRYPTION_MODES = ("disabled", "auto", "required")
-
-
-# -- messages -------------------------------------------------------------------
-@dataclass(frozen=True)
-class Start:
-    """Launch the kernel and wait until it is ready."""
-
-
-@dataclass(frozen=True)
-class Restart:
-    """Shut down (keeping the connection file) and start again."""
-
-    now: bool = False
-    newports: bool = False
-    overrides: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Interrupt:
-    """Interrupt the running code (signal or message, per the kernelspec)."""
-
-
-@dataclass(frozen=True)
-class Signal:
-    """Send a signal to the kernel's process group."""
-
-    signum: int
-
-
-@dataclass(frozen=True)
-class Shutdown:
-    """Stop the kernel: graceful unless ``now``; keep files when ``restart``.
-
-    ``cause`` names why, in the words the exit will carry ("culled").
-    """
-
-    now: bool = False
-    restart: bool = False
-    cause: str = ""
-
-
-@dataclass(frozen=True)
-class RequestShutdown:
-    """Send ``shutdown_request`` only; :class:`FinishShutdown` waits and cleans up."""
-
-    restart: bool = False
-
-
-@dataclass(frozen=True)
-class FinishShutdown:
-    """Wait up to ``waittime`` for the exit, then SIGTERM/SIGKILL; clean up."""
-
-    waittime: float | None = None
-
-
-@dataclass(frozen=True)
-class ProcessExited:
-    """Internal: the process watch saw ``process`` exit."""
-
-    process: ProcessHandle
-    status: ExitStatus
-
-
-@dataclass(frozen=True)
-class ChildExited:
-    """Told to the parent when the kernel exits without being asked to."""
-
-    kernel_id: str
-    status: ExitStatus
-    uptime: float
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class LaunchOptions:
-    """How to launch a kernel. Validated here; ``replace`` takes overrides."""
-
-    kernel_name: str = "python3"
-    spec: KernelSpec | None = None
-    kernel_cmd: tuple[str, ...] = ()
-    extra_arguments: tuple[str, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
-    cwd: str | None = None
-    startup_timeout: float = 60.0
-    shutdown_wait: float = 5.0
-    exit_grace: float = 2.0
-    terminate_wait: float = 2.0
-    ip: str = "127.0.0.1"
-    transport: str = "tcp"
-    transport_encryption: str = "disabled"
-    port_retries: int = 3
-    forward_stderr: bool = True
-    contain: str = "auto"
-    memory_limit: str | int | None = None
-    cpu_limit: float | str | None = None
-    launcher: Launcher | str | None = None
-    slurm_options: Mapping[str, object] | None = None
-    inherit_env: bool = True
-    stdout: int | None = None
-    stderr: int | None = None
-    independent: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("stdout", "stderr"):
-            object.__setattr__(self, name, _stream_target(name, getattr(self, name)))
-        for name in ("startup_timeout", "shutdown_wait", "exit_grace", "terminate_wait"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigurationError(f"{name} must be a non-negative number, not {value!r}")
-        if self.transport_encryption not in _ENCRYPTION_MODES:
-            raise ConfigurationError(
-                f"transport_encryption must be one of {_ENCRYPTION_MODES}, "
-                f"not {self.transport_encryption!r}"
-            )
-        if self.contain not in CONTAIN_MODES:
-            raise ConfigurationError(f"contain must be one of {CONTAIN_MODES}, not "
-                                     f"{self.contain!r}")
-        Limits.parse(self.memory_limit, self.cpu_limit)  # a bad value fails here, named
-        check_launcher(self.launcher, self.slurm_options)
-        if self.transport not in ("tcp", "ipc"):
-            raise ConfigurationError(f"transport must be 'tcp' or 'ipc', not {self.transport!r}")
-        raw: tuple[object, object] = (self.extra_arguments, self.kernel_cmd)
-        if any(isinstance(value, str) for value in raw):
-            raise ConfigurationError("extra_arguments and kernel_cmd are sequences of strings")
-        object.__setattr__(self, "extra_arguments", tuple(self.extra_arguments))
-        object.__setattr__(self, "kernel_cmd", tuple(self.kernel_cmd))
-        object.__setattr__(self, "env", dict(self.env))
-        if self.cwd is not None:
-            object.__setattr__(self, "cwd", os.fspath(self.cwd))
-
-    def replace(self, **overrides: Any) -> LaunchOptions:
-        """A copy with ``overrides`` applied; an unknown name is a ConfigurationError."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise ConfigurationError(
-                f"unknown launch option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
-            )
-        return dataclasses.replace(self, **overrides)
-
-    def resolve_spec(self) -> KernelSpec:
-        """The kernelspec to launch (looked up by name unless given)."""
-        return self.spec if self.spec is not None else get_kernel_spec(self.kernel_name)
-
-    def pick_launcher(self, spec: KernelSpec) -> Launcher:
-        """These options' launcher, else the kernelspec's ``metadata.launcher``, else local."""
-        return choose_launcher(self.launcher, self.slurm_options, spec.metadata, spec.name)
-
-    def containment(self, spec: KernelSpec) -> tuple[str, Limits]:
-        """(contain mode, limits): these options, else the kernelspec's ``metadata``.
-
-        ``metadata`` may hold ``memory_limit`` ("2G"), ``cpu_limit`` (CPUs) and
-        ``contain``; a bad value there is a :class:`KernelSpecError`.
-        """
-        meta = spec.metadata
-        contain = self.contain
-        if contain == "auto" and meta.get("contain") is not None:
-            contain = meta["contain"]
-            if contain not in CONTAIN_MODES:
-                raise KernelSpecError(f"kernelspec {spec.name!r}: metadata.contain must be "
-                                      f"one of {CONTAIN_MODES}, not {contain!r}",
-                                      field="metadata.contain")
-        memory = self.memory_limit if self.memory_limit is not None else meta.get("memory_limit")
-        cpu = self.cpu_limit if self.cpu_limit is not None else meta.get("cpu_limit")
-        try:
-            return contain, Limits.parse(memory, cpu)
-        except ConfigurationError as exc:
-            raise KernelSpecError(f"kernelspec {spec.name!r}: {exc}",
-                                  field="metadata") from None
-
-
-def _stream_target(name: str, value: object) -> int | None:
-    """Validate a ``stdout``/``stderr`` launch option: None, a subprocess constant, an fd
-    or an object with ``fileno()`` (turned into its fd)."""
-    if value is None:
-        return None
-    fileno = getattr(value, "fileno", None)
-    if callable(fileno):
-        value = fileno()
-    allowed = (subprocess.PIPE, subprocess.DEVNULL) + (
-        (subprocess.STDOUT,) if name == "stderr" else ())
-    if isinstance(value, bool) or not isinstance(value, int) or (value < 0
-                                                                and value not in allowed):
-        raise ConfigurationError(
-            f"{name} must be None, subprocess.PIPE, subprocess.DEVNULL"
-            f"{', subprocess.STDOUT' if name == 'stderr' else ''}, a file descriptor "
-            f"or a file, not {value!r}")
-    return value
 
 
 class _StartCancelled(Exception):
     pass
 
-
-# -- resource exhaustion ----------------------------------------------------------
-_FDS_PER_START = 16  # descriptors a start may hold at its peak (probes, pipes, sockets)
-_EXHAUSTED = {
-    errno.EMFILE: "file descriptors", errno.ENFILE: "file descriptors",
-    errno.EAGAIN: "processes", errno.ENOMEM: "memory",
-    errno.ENOSPC: "disk space", errno.EDQUOT: "disk space",
-}
-_WHAT = {
-    "file descriptors": "too many open files", "processes": "no more processes",
-    "memory": "out of memory", "disk space": "no space left on the device",
-}
-
-
-def _check_fd_headroom(kernel_id: str) -> None:
-    """Refuse a start at once when the fd limit is (nearly) reached.
-
-    At the limit, ZeroMQ fails to connect silently and retries forever; a
-    start would wait its whole startup timeout for a kernel it cannot reach.
-    """
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        used = len(os.listdir("/proc/self/fd"))
-    except FileNotFoundError:  # no /proc: nothing to measure with
-        return
-    except OSError as exc:
-        if exc.errno in (errno.EMFILE, errno.ENFILE):
-            used = soft
-        else:
-            return
-    if soft != resource.RLIM_INFINITY and soft - used < _FDS_PER_START:
-        raise ResourceExhaustedError(
-            f"kernel {kernel_id} not started: too many open files ({used} in use, the "
-            f"limit is {soft}; a start needs about {_FDS_PER_START} more)",
-            resource="file descriptors", errno=errno.EMFILE)
-
-
-def _exhaustion(kernel_id: str, exc: BaseException) -> ResourceExhaustedError | None:
-    """The resource a failed start ran out of, if that is what ``exc`` (or its cause) says."""
-    seen: BaseException | None = exc
-    path = exc.path if isinstance(exc, ConnectionFileError) else None
-    while seen is not None:
-        code = getattr(seen, "errno", None)
-        if isinstance(code, int) and code in _EXHAUSTED:
-            what = _EXHAUSTED[code]
-            if isinstance(seen, OSError) and seen.filename:
-                path = str(seen.filename)
-            where = f" ({path})" if path else ""
-            return ResourceExhaustedError(
-                f"kernel {kernel_id} not started: {_WHAT[what]}{where}: {seen}",
-                resource=what, errno=code)
-        if isinstance(seen, KernelStartupError) and "Too many open files" in seen.stderr_tail:
-            return ResourceExhaustedError(
-                f"kernel {kernel_id} not started: the kernel ran out of file descriptors "
-                f"(too many open files)\n{seen.stderr_tail}",
-                resource="file descriptors", errno=errno.EMFILE)
-        seen = seen.__cause__
-    return None
-
-
-class _PortClash(Exception):
-    """A launch found one of its ports taken (by the kernel's stderr or the exit)."""
-
-    def __init__(self, channel: str | None, port: int | None, tail: str = "") -> None:
-        super().__init__(channel, port)
-        self.channel = channel
-        self.port = port
-        self.tail = tail
-
-
-def _find_clash(stderr: bytes, info: ConnectionInfo) -> _PortClash | None:
-    """The port clash a kernel's stderr reports, naming the channel when it can."""
-    if _PORT_CLASH not in stderr:
-        return None
-    channel: str | None = None
-    port: int | None = None
-    for match in _BIND_ERROR.finditer(stderr):
-        url = match.group("url").decode("utf-8", "replace")
-        suffix = url.rsplit(":" if url.startswith("tcp") else "-", 1)[-1]
-        if suffix.isdigit():
-            port = int(suffix)
-            channel = next((c for c in CHANNELS if info.port(c) == port), None)
-    return _PortClash(channel, port)
 
 
 # -- the actor ------------------------------------------------------------------
@@ -1135,3 +855,6 @@ class KernelActor(Actor):
         self._log.debug("actor.exited", status=status.describe(), uptime=round(uptime, 3))
         if self.parent is not None:
             self.parent.tell(ChildExited(self.kernel_id, status, uptime, reason=status.describe()))
+
+
+_live: weakref.WeakSet[KernelActor] = weakref.WeakSet()
